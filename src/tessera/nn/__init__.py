@@ -1,0 +1,1 @@
+"""The shared trunk and its parts; knows nothing about images or audio."""

@@ -1,0 +1,121 @@
+"""One attention entry point with explicit backends: sdpa, flex, xformers, math.
+
+The backend is chosen in config and logged; nothing switches silently. A mask is prepared
+once per forward pass (`prepare_mask`) and reused by every layer.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+
+from .masks import AttentionMask
+
+Backend = Literal["sdpa", "flex", "xformers", "math"]
+BACKENDS: tuple[str, ...] = ("sdpa", "flex", "xformers", "math")
+
+
+class BackendUnavailable(RuntimeError):
+    """The requested attention backend cannot run here (with the reason)."""
+
+
+@dataclass
+class PreparedMask:
+    """A mask in the form one backend consumes."""
+
+    backend: str
+    is_causal: bool = False
+    dense: torch.Tensor | None = None  # bool (Lq, Lk); None means attend everywhere
+    block_mask: Any = None  # FlexAttention BlockMask
+
+
+def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor, backend: str,
+                 full_sequence: bool) -> PreparedMask:
+    """Turn an AttentionMask at the given absolute positions into the backend's input.
+
+    `full_sequence` says q_pos == kv_pos == arange(L) (no cache), which lets sdpa use its
+    fused causal path and skip a dense mask.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "flex":
+        return PreparedMask(backend, block_mask=_flex_block_mask(mask, q_pos, kv_pos))
+    if mask.kind == "bidirectional" and full_sequence:
+        return PreparedMask(backend)
+    if mask.kind == "causal" and full_sequence and backend == "sdpa":
+        return PreparedMask(backend, is_causal=True)
+    return PreparedMask(backend, dense=mask.to(q_pos.device).dense(q_pos, kv_pos))
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: PreparedMask) -> torch.Tensor:
+    """Scaled dot-product attention on (B, H, L, D) tensors with a prepared mask."""
+    if prepared.backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.dense, is_causal=prepared.is_causal)
+    if prepared.backend == "flex":
+        return _flex_attention(q.device.type)(q, k, v, block_mask=prepared.block_mask)
+    if prepared.backend == "xformers":
+        return _xformers_attention(q, k, v, prepared.dense)
+    return math_attention(q, k, v, prepared.dense)
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
+    """Plain softmax(QK^T / sqrt(d)) V in the inputs' dtype: the reference for every backend."""
+    scores = q @ k.transpose(-2, -1) / q.shape[-1] ** 0.5
+    if dense is not None:
+        scores = scores.masked_fill(~dense, float("-inf"))
+    return scores.softmax(dim=-1) @ v
+
+
+# ----- FlexAttention ---------------------------------------------------------------------------
+@functools.cache
+def _flex_attention(device_type: str):
+    from torch.nn.attention.flex_attention import flex_attention
+    # Compiled on GPU (where FlexAttention is fast); the eager reference path on CPU.
+    return torch.compile(flex_attention, dynamic=False) if device_type == "cuda" else flex_attention
+
+
+def _flex_block_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor):
+    from torch.nn.attention.flex_attention import create_block_mask
+    rule = mask.to(q_pos.device)
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return rule.allowed(q_pos[q_idx], kv_pos[kv_idx])
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=q_pos.numel(), KV_LEN=kv_pos.numel(),
+                             device=q_pos.device)
+
+
+# ----- xformers ---------------------------------------------------------------------------------
+@functools.cache
+def check_xformers(device_type: str) -> None:
+    """Raise BackendUnavailable naming why xformers' kernels cannot run on this device."""
+    try:
+        import xformers.ops as xops
+    except Exception as err:  # ImportError or a broken build
+        raise BackendUnavailable(f"attention backend 'xformers' is unavailable: cannot import xformers ({err}); "
+                                 f"install tessera[xformers] on a CUDA machine or use backend 'sdpa'") from None
+    q = torch.zeros(1, 8, 1, 8, device=device_type)
+    try:
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as err:
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise BackendUnavailable(f"attention backend 'xformers' is unavailable on {device_type}: its kernels "
+                                 f"cannot run here ({reason}); use backend 'sdpa'") from None
+
+
+def _xformers_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: torch.Tensor | None) -> torch.Tensor:
+    check_xformers(q.device.type)
+    import xformers.ops as xops
+    bias = None
+    if dense is not None:
+        # xformers wants an additive bias whose last dim is padded to a multiple of 8.
+        lq, lk = dense.shape
+        pad = (-lk) % 8
+        full = torch.full((q.shape[0], q.shape[1], lq, lk + pad), float("-inf"), dtype=q.dtype, device=q.device)
+        full[..., :lk].masked_fill_(dense, 0.0)
+        bias = full[..., :lk]
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias)
+    return out.transpose(1, 2)

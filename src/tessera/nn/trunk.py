@@ -1,0 +1,151 @@
+"""The shared transformer trunk: pre-norm blocks, RMSNorm, SwiGLU, QK-norm, AdaLN, RoPE.
+
+Positions, masks and conditioning come in as arguments; the trunk knows nothing about what
+the tokens mean.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from ..config import Config, ConfigError, check_range
+from .attention import BACKENDS, PreparedMask, attend, prepare_mask
+from .cache import KVCache
+from .layers import AdaLNModulation, RMSNorm, SwiGLU, modulate, swiglu_hidden
+from .masks import AttentionMask
+from .rope import RotaryEmbedding, apply_rotary
+
+
+@dataclass
+class TrunkConfig(Config):
+    """Width, depth and the optional features of the trunk."""
+
+    dim: int = 256
+    n_layers: int = 4
+    n_heads: int = 4
+    mlp_ratio: float = 4.0
+    multiple_of: int = 32
+    qk_norm: bool = True
+    norm_eps: float = 1e-6
+    cond_dim: int = 0  # > 0 enables AdaLN conditioning on a pooled (B, cond_dim) vector
+    rope_axes: int = 2
+    rope_base: float = 10000.0
+    dropout: float = 0.0
+    attention: Literal["sdpa", "flex", "xformers", "math"] = "sdpa"
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise ConfigError(f"trunk.dim={self.dim} must be divisible by trunk.n_heads={self.n_heads}")
+        check_range("trunk.n_layers", self.n_layers, 1)
+        check_range("trunk.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        check_range("trunk.cond_dim", self.cond_dim, 0)
+        if self.attention not in BACKENDS:
+            raise ConfigError(f"trunk.attention={self.attention!r}; choose one of {', '.join(BACKENDS)}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.n_heads, self.head_dim = cfg.n_heads, cfg.head_dim
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim, bias=False)
+        self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prepared: PreparedMask,
+                cache: KVCache | None, layer: int, positions: torch.Tensor | None) -> torch.Tensor:
+        b, length, _ = x.shape
+        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            k, v = cache.update(layer, positions, k, v)
+            q = q.to(k.dtype)
+        out = attend(q, k, v, prepared).transpose(1, 2).reshape(b, length, -1)
+        return self.dropout(self.proj(out.to(x.dtype)))
+
+
+class Block(nn.Module):
+    """Pre-norm attention + SwiGLU, optionally AdaLN-modulated (adaLN-Zero gates)."""
+
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
+        self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
+        self.attn = Attention(cfg)
+        self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio, cfg.multiple_of), cfg.dropout)
+        self.ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 6) if cfg.cond_dim > 0 else None
+
+    def forward(self, x, rope, prepared, cond, cache, layer, positions):
+        if self.ada is None:
+            x = x + self.attn(self.norm1(x), rope, prepared, cache, layer, positions)
+            return x + self.mlp(self.norm2(x))
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)
+        x = x + (1 + gate1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope, prepared, cache, layer, positions)
+        return x + (1 + gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+
+
+class Trunk(nn.Module):
+    """A stack of blocks and a final norm: (B, L, dim) -> (B, L, dim)."""
+
+    def __init__(self, cfg: TrunkConfig):
+        super().__init__()
+        self.config = cfg
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_axes, cfg.rope_base)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
+        self.final_ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 2) if cfg.cond_dim > 0 else None
+        _init_linear_weights(self)
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        """A zeroed static cache sized for `max_len` positions."""
+        c = self.config
+        return KVCache(c.n_layers, batch_size, c.n_heads, max_len, c.head_dim, dtype, device)
+
+    def forward(self, x: torch.Tensor, rope_positions: torch.Tensor, mask: AttentionMask, *,
+                cond: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the blocks.
+
+        x: (B, L, dim) inputs. rope_positions: (L, rope_axes) RoPE coordinates of these tokens.
+        mask: rule on absolute sequence positions. cond: (B, cond_dim) for AdaLN.
+        cache/positions: with a KV cache, `positions` (L,) are the absolute sequence slots of x;
+        keys/values are written there and queries attend over the whole cache under `mask`.
+        """
+        if (self.final_ada is None) != (cond is None):
+            raise ValueError("cond must be given exactly when trunk.cond_dim > 0")
+        length = x.shape[1]
+        if cache is None:
+            q_pos = kv_pos = torch.arange(length, device=x.device)
+            prepared = prepare_mask(mask, q_pos, kv_pos, self.config.attention, full_sequence=True)
+        else:
+            if positions is None:
+                raise ValueError("positions are required with a KV cache")
+            kv_pos = torch.arange(cache.max_len, device=x.device)
+            prepared = prepare_mask(mask, positions, kv_pos, self.config.attention, full_sequence=False)
+        rope = self.rope(rope_positions.to(x.device))
+        for layer, block in enumerate(self.blocks):
+            x = block(x, rope, prepared, cond, cache, layer, positions)
+        x = self.norm(x)
+        if self.final_ada is not None:
+            shift, scale = self.final_ada(cond)
+            x = modulate(x, shift, scale)
+        return x
+
+
+def _init_linear_weights(module: nn.Module) -> None:
+    """Truncated-normal(0.02) linears, zero biases; AdaLN projections keep their zero init."""
+    zero_init = {id(m.linear) for m in module.modules() if isinstance(m, AdaLNModulation)}
+    for m in module.modules():
+        if isinstance(m, nn.Linear) and id(m) not in zero_init:
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
