@@ -87,3 +87,19 @@ def test_config_errors_are_clear():
         TrunkConfig.from_dict({"width": 30})
     with pytest.raises(ConfigError, match="attention"):
         TrunkConfig.from_dict({"attention": "flash9"})
+
+
+@torch.no_grad()
+def test_bucketed_kv_len_equals_full_cache():
+    """Attending over a static bucket of cache slots gives the same outputs as the whole cache."""
+    trunk = make()
+    x = torch.randn(2, 9, 32, dtype=torch.float64)
+    pos = grid_positions(9)
+    full = trunk(x, pos, AttentionMask.causal())
+    cache = trunk.new_cache(2, 16, torch.float64, "cpu")
+    outs = []
+    for i in range(9):
+        bucket = min(16, 4 * (i // 4 + 1))
+        outs.append(trunk(x[:, i:i + 1], pos[i:i + 1], AttentionMask.causal(), cache=cache,
+                          positions=torch.tensor([i]), kv_len=bucket))
+    torch.testing.assert_close(torch.cat(outs, 1), full)

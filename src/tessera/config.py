@@ -141,9 +141,9 @@ class Config:
             node = data
             parts = key.split(".")
             for part in parts[:-1]:
-                if not isinstance(node.get(part), dict):
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
                     raise ConfigError(f"override {key!r}: {part!r} is not a config section")
-                node = node[part]
             node[parts[-1]] = yaml.safe_load(raw) if raw != "" else ""
         return type(self).from_dict(data)
 

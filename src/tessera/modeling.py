@@ -52,8 +52,12 @@ class TesseraModel(nn.Module):
 
     # ----- training interface ---------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Scalar training loss and a dict of floats to log."""
+        """Scalar training loss and a dict of floats or 0-d tensors to log (read only when logged)."""
         raise NotImplementedError
+
+    def forward(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The training forward is the loss (so DDP/DeepSpeed wrappers see it as `forward`)."""
+        return self.loss(batch)
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """State dict without frozen submodules (what `model.safetensors` holds)."""

@@ -21,13 +21,19 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.max_len = max_len
 
-    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, H, L, D) at `positions` (L,) and return the layer's full buffers."""
+    def update(self, layer: int, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kv_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, H, L, D) at `positions` (L,); return the layer's first `kv_len` slots.
+
+        Attending over a static prefix `kv_len` (a bucket just past the last written slot)
+        instead of all `max_len` slots reads less memory while keeping shapes static.
+        """
         k_all, v_all = self.k[layer], self.v[layer]
         k_all.index_copy_(2, positions, k.to(k_all.dtype))
         v_all.index_copy_(2, positions, v.to(v_all.dtype))
-        return k_all, v_all
+        if kv_len is None:
+            return k_all, v_all
+        return k_all[:, :, :kv_len], v_all[:, :, :kv_len]
 
     def reset(self) -> None:
         self.k.zero_()

@@ -61,13 +61,13 @@ class Attention(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prepared: PreparedMask,
-                cache: KVCache | None, layer: int, positions: torch.Tensor | None) -> torch.Tensor:
+                cache: KVCache | None, layer: int, positions: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            k, v = cache.update(layer, positions, k, v)
+            k, v = cache.update(layer, positions, k, v, kv_len)
             q = q.to(k.dtype)
         out = attend(q, k, v, prepared).transpose(1, 2).reshape(b, length, -1)
         return self.dropout(self.proj(out.to(x.dtype)))
@@ -84,12 +84,13 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio, cfg.multiple_of), cfg.dropout)
         self.ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 6) if cfg.cond_dim > 0 else None
 
-    def forward(self, x, rope, prepared, cond, cache, layer, positions):
+    def forward(self, x, rope, prepared, cond, cache, layer, positions, kv_len):
         if self.ada is None:
-            x = x + self.attn(self.norm1(x), rope, prepared, cache, layer, positions)
+            x = x + self.attn(self.norm1(x), rope, prepared, cache, layer, positions, kv_len)
             return x + self.mlp(self.norm2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)
-        x = x + (1 + gate1) * self.attn(modulate(self.norm1(x), shift1, scale1), rope, prepared, cache, layer, positions)
+        attn_in = modulate(self.norm1(x), shift1, scale1)
+        x = x + (1 + gate1) * self.attn(attn_in, rope, prepared, cache, layer, positions, kv_len)
         return x + (1 + gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
 
 
@@ -112,13 +113,14 @@ class Trunk(nn.Module):
 
     def forward(self, x: torch.Tensor, rope_positions: torch.Tensor, mask: AttentionMask, *,
                 cond: torch.Tensor | None = None, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
+                positions: torch.Tensor | None = None, kv_len: int | None = None) -> torch.Tensor:
         """Run the blocks.
 
         x: (B, L, dim) inputs. rope_positions: (L, rope_axes) RoPE coordinates of these tokens.
         mask: rule on absolute sequence positions. cond: (B, cond_dim) for AdaLN.
         cache/positions: with a KV cache, `positions` (L,) are the absolute sequence slots of x;
-        keys/values are written there and queries attend over the whole cache under `mask`.
+        keys/values are written there and queries attend over the first `kv_len` cache slots
+        (default: all) under `mask`.
         """
         if (self.final_ada is None) != (cond is None):
             raise ValueError("cond must be given exactly when trunk.cond_dim > 0")
@@ -129,11 +131,11 @@ class Trunk(nn.Module):
         else:
             if positions is None:
                 raise ValueError("positions are required with a KV cache")
-            kv_pos = torch.arange(cache.max_len, device=x.device)
+            kv_pos = torch.arange(kv_len or cache.max_len, device=x.device)
             prepared = prepare_mask(mask, positions, kv_pos, self.config.attention, full_sequence=False)
         rope = self.rope(rope_positions.to(x.device))
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, prepared, cond, cache, layer, positions)
+            x = block(x, rope, prepared, cond, cache, layer, positions, kv_len)
         x = self.norm(x)
         if self.final_ada is not None:
             shift, scale = self.final_ada(cond)

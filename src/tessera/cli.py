@@ -1,0 +1,104 @@
+"""`tessera` entry point: data, train, sample, quickstart."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+
+from .checkpoint import CheckpointError
+from .config import Config, ConfigError
+
+
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type[Config]) -> None:
+    """One `--field-name` flag per field of a flat config dataclass (its defaults shown in help)."""
+    hints = typing.get_type_hints(config_class)
+    for f in dataclasses.fields(config_class):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
+                            help=f"{hints[f.name].__name__ if hasattr(hints[f.name], '__name__') else hints[f.name]} "
+                                 f"(default {default})")
+
+
+def config_from_flags(args: argparse.Namespace, config_class: type[Config]) -> Config:
+    """Build the config from the flags that were given (strings are parsed by the config)."""
+    given = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(config_class)
+             if getattr(args, f"cfg_{f.name}") is not None}
+    return config_class.from_dict(given)
+
+
+def _train(args: argparse.Namespace) -> None:
+    from .train.recipe import Recipe
+    from .train.trainer import train
+    recipe = Recipe.from_file(args.config).with_overrides(args.overrides)
+    if args.print_config:
+        print(recipe.to_yaml())
+        return
+    metrics = train(recipe, resume=args.resume)
+    print(f"done: step {metrics['step']}, loss {metrics.get('loss', float('nan')):.4f}; run folder {recipe.out}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from .sample import generate_to_file
+    from .samplers.logits import SamplingConfig
+    settings = config_from_flags(args, SamplingConfig)
+    if args.n < 1:
+        raise ConfigError(f"--n={args.n} must be at least 1")
+    values = args.prompt or args.class_
+    out = generate_to_file(args.ckpt, values, args.n, settings, args.out, use_ema=not args.no_ema,
+                           device=args.device, batch_size=args.batch_size)
+    print(f"wrote {out}")
+
+
+def _quickstart(args: argparse.Namespace) -> None:
+    from .quickstart import run_quickstart
+    report = run_quickstart(Path(args.out), scale=args.scale)
+    print(f"quickstart done in {report['wall_s']:.0f} s; see {args.out}/README.txt")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .data.commands import register as register_data
+    from .samplers.logits import SamplingConfig
+    parser = argparse.ArgumentParser(prog="tessera", description="Autoregressive and masked generation on one trunk.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_data(sub)
+
+    p = sub.add_parser("train", help="train a model from a recipe: tessera train --config X.yaml [key=value ...]")
+    p.add_argument("--config", required=True, help="recipe YAML (see configs/)")
+    p.add_argument("--resume", action="store_true", help="continue from the run folder's latest checkpoint")
+    p.add_argument("--print-config", action="store_true", help="print the resolved recipe and exit")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.config.trunk.dim=128")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("sample", help="sample a grid from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--prompt", action="append", help="caption (repeatable; cycled over the batch)")
+    p.add_argument("--class", dest="class_", action="append", help="class name or index (repeatable)")
+    p.add_argument("--n", type=int, default=16, help="number of images")
+    p.add_argument("--out", default="samples.png", help="output PNG grid")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    add_config_flags(p, SamplingConfig)
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("quickstart", help="make shapes data, train a tiny VQ + next-token model, sample (CPU, minutes)")
+    p.add_argument("--out", default="quickstart")
+    p.add_argument("--scale", type=float, default=1.0, help="fraction of the default steps/data (tests use less)")
+    p.set_defaults(func=_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ConfigError, CheckpointError, FileNotFoundError) as err:
+        print(f"tessera: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

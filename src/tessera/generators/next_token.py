@@ -1,0 +1,192 @@
+"""Raster-order next-token generation (LlamaGen-style), with an optional Token-Shuffle window."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from ..config import ConfigError, check_range
+from ..nn.cache import KVCache
+from ..nn.masks import AttentionMask
+from ..nn.trunk import Trunk, TrunkConfig
+from ..config import Config
+from .base import AutoregressiveGenerator, Condition
+from .conditioning import ClassPrefix, NullPrefix, TextPrefix, condition_size
+from .heads import TokenHead, token_cross_entropy
+from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
+
+
+@dataclass
+class NextTokenConfig(Config):
+    """Next-token generator over a VQ tokenizer's token grid."""
+
+    trunk: TrunkConfig = field(default_factory=TrunkConfig)
+    tokenizer: str = ""  # VQ checkpoint folder; copied into this model's checkpoint
+    image_size: int = 32
+    vocab_size: int = 0  # 0: taken from the tokenizer
+    grid_size: int = 0  # token grid side; 0: taken from the tokenizer
+    cond: Literal["class", "text", "none"] = "class"
+    num_classes: int = 10
+    class_names: list[str] = field(default_factory=list)
+    text_tokenizer: str = ""  # tokenizer.json of the caption tokenizer (cond=text)
+    text_len: int = 16
+    cond_drop: float = 0.1  # condition dropout for classifier-free guidance
+    token_shuffle: int = 1  # window s: s*s tokens merged per trunk position
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+
+    def validate(self) -> None:
+        check_range("cond_drop", self.cond_drop, 0.0, 1.0)
+        check_range("token_shuffle", self.token_shuffle, 1, 8)
+        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_range("num_classes", self.num_classes, 1)
+        if self.cond == "text" and not self.text_tokenizer:
+            raise ConfigError("cond=text needs text_tokenizer (a tokenizer.json trained on the captions)")
+        if not self.tokenizer and (self.vocab_size <= 0 or self.grid_size <= 0):
+            raise ConfigError("without a tokenizer, set vocab_size and grid_size explicitly")
+        if self.grid_size and self.grid_size % self.token_shuffle:
+            raise ConfigError(f"grid_size={self.grid_size} is not divisible by token_shuffle={self.token_shuffle}")
+
+
+def _tiny_trunk(**kw) -> dict[str, Any]:
+    return {"dim": 64, "n_layers": 2, "n_heads": 4, **kw}
+
+
+class NextTokenGenerator(AutoregressiveGenerator):
+    """Condition prefix + raster image tokens through the trunk with a causal mask."""
+
+    kind = "next_token"
+    config_class = NextTokenConfig
+    asset_fields = ("tokenizer", "text_tokenizer")
+    frozen_submodules = ("tokenizer",)
+    presets = {
+        "tiny": {"trunk": _tiny_trunk()},
+        "small": {"trunk": {"dim": 384, "n_layers": 8, "n_heads": 6}},
+        "gpt-b": {"trunk": {"dim": 768, "n_layers": 12, "n_heads": 12}},
+        "gpt-l": {"trunk": {"dim": 1024, "n_layers": 24, "n_heads": 16}},
+        "gpt-xl": {"trunk": {"dim": 1280, "n_layers": 36, "n_heads": 20}},
+    }
+
+    def __init__(self, config: NextTokenConfig):
+        super().__init__(config)
+        if config.tokenizer:
+            from ..tokenizers.vq import VQTokenizer
+            self.tokenizer = VQTokenizer.from_pretrained(config.tokenizer).requires_grad_(False).eval()
+            vocab, (grid, _) = self.tokenizer.vocab_size, self.tokenizer.token_grid(config.image_size)
+            for name, given, actual in (("vocab_size", config.vocab_size, vocab), ("grid_size", config.grid_size, grid)):
+                if given and given != actual:
+                    raise ConfigError(f"{name}={given} does not match the tokenizer at {config.tokenizer} ({actual})")
+            config = self.config = config.replace(vocab_size=vocab, grid_size=grid)
+        else:
+            self.tokenizer = None
+        dim, s = config.trunk.dim, config.token_shuffle
+        self.grid, self.s = config.grid_size, s
+        self.unit_size = s * s
+        self.n_units = (config.grid_size // s) ** 2
+        self.has_condition = config.cond != "none"
+        self.prefix = self._build_prefix(config, dim)
+        self.token_embedding = nn.Embedding(config.vocab_size, dim)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        self.shuffle = TokenShuffle(dim, s) if s > 1 else None
+        self.trunk = Trunk(config.trunk)
+        self.head = TokenHead(dim, config.vocab_size)
+        units = torch.arange(self.n_units)
+        side = config.grid_size // s
+        unit_rope = torch.stack([units // side, units % side], -1).float()
+        if config.trunk.rope_axes != 2:
+            raise ConfigError("next_token uses 2-D RoPE: set trunk.rope_axes=2")
+        # RoPE coordinates: prefix tokens at the origin (identity rotation), unit j at its window's (row, col).
+        rope = torch.cat([torch.zeros(self.prefix.length, 2), unit_rope])
+        self.register_buffer("rope_positions", rope, persistent=False)
+
+    @staticmethod
+    def _build_prefix(config: NextTokenConfig, dim: int) -> nn.Module:
+        if config.cond == "class":
+            return ClassPrefix(config.num_classes, dim, config.class_names)
+        if config.cond == "text":
+            from ..tokenizers.text import TextTokenizer
+            return TextPrefix(TextTokenizer.load(config.text_tokenizer), config.text_len, dim)
+        return NullPrefix(dim)
+
+    # ----- embedding / head ----------------------------------------------------------------------
+    def _embed_units(self, units: torch.Tensor) -> torch.Tensor:
+        emb = self.token_embedding(units)  # (B, n, s^2, dim)
+        return emb[:, :, 0] if self.shuffle is None else self.shuffle.shuffle(emb)
+
+    def _unit_logits(self, h: torch.Tensor) -> torch.Tensor:
+        feats = h[:, :, None] if self.shuffle is None else self.shuffle.unshuffle(h)
+        return self.head(feats)  # (B, n, s^2, V)
+
+    # ----- protocol used by samplers ----------------------------------------------------------------
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.length
+
+    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
+        if isinstance(cond, torch.Tensor):
+            cond = cond.to(drop.device)
+        return self.prefix(cond, drop)
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        return self.trunk.new_cache(batch_size, self.prefix_length + self.n_units - 1, dtype, device)
+
+    def logits_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        p = prefix.shape[1]
+        x = torch.cat([prefix, self._embed_units(units).to(prefix.dtype)], dim=1)
+        h = self.trunk(x, self.rope_positions[: x.shape[1]], AttentionMask.causal())
+        return self._unit_logits(h[:, p - 1:])
+
+    def prefill(self, prefix: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        p = prefix.shape[1]
+        h = self.trunk(prefix, self.rope_positions[:p], AttentionMask.causal(), cache=cache,
+                       positions=torch.arange(p, device=prefix.device))
+        return self._unit_logits(h[:, -1:])[:, 0]
+
+    def decode_step(self, unit: torch.Tensor, index: int | torch.Tensor, cache: KVCache,
+                    kv_len: int | None = None) -> torch.Tensor:
+        pos = torch.as_tensor(index, device=unit.device).reshape(1) + self.prefix_length
+        x = self._embed_units(unit[:, None]).to(cache.k.dtype)
+        h = self.trunk(x, self.rope_positions[pos], AttentionMask.causal(), cache=cache, positions=pos, kv_len=kv_len)
+        return self._unit_logits(h)[:, 0]
+
+    # ----- training ----------------------------------------------------------------------------------
+    def units_from_batch(self, batch: dict[str, Any]) -> torch.Tensor:
+        """(B, n_units, unit_size) targets: given `tokens` (B, H, W) or encoded from `image`."""
+        if "tokens" in batch:
+            tokens = batch["tokens"]
+        elif self.tokenizer is not None:
+            with torch.no_grad():
+                tokens = self.tokenizer.encode(batch["image"])
+        else:
+            raise ConfigError("this next_token model has no tokenizer: batches must carry 'tokens'")
+        if tokens.shape[1:] != (self.grid, self.grid):
+            raise ConfigError(f"token grid {tuple(tokens.shape[1:])} does not match the model's {self.grid}x{self.grid}")
+        return tokens_to_units(tokens, self.s)
+
+    def batch_condition(self, batch: dict[str, Any]) -> Condition:
+        if self.config.cond == "class":
+            return batch["class"]
+        if self.config.cond == "text":
+            return batch["text"]
+        return condition_size(batch["tokens"] if "tokens" in batch else batch["image"])
+
+    def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        units = self.units_from_batch(batch)
+        cond = self.batch_condition(batch)
+        b = units.shape[0]
+        drop = torch.rand(b, device=units.device) < self.config.cond_drop if self.training else \
+            torch.zeros(b, dtype=torch.bool, device=units.device)
+        logits = self.logits_all(self.prefix_embeddings(cond, drop), units[:, :-1])
+        return token_cross_entropy(logits, units, self.config.label_smoothing, self.config.z_loss)
+
+    # ----- output -----------------------------------------------------------------------------------
+    def decode_units(self, units: torch.Tensor) -> torch.Tensor:
+        tokens = units_to_tokens(units, self.grid, self.s)
+        if self.tokenizer is None:
+            raise ConfigError("this next_token model has no tokenizer to decode images with")
+        return self.tokenizer.decode(tokens)
+
+    def parse_condition(self, values: list[str] | None, n: int) -> Condition:
+        return self.prefix.parse(values, n)

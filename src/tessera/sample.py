@@ -1,0 +1,50 @@
+"""Load a checkpoint and sample images with the shared sampler API (CLI, eval and demo use this)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .checkpoint import CheckpointError
+from .generators.base import AutoregressiveGenerator, Generator
+from .images import save_grid
+from .modeling import TesseraModel
+from .samplers.autoregressive import AutoregressiveSampler
+from .samplers.logits import SamplingConfig
+
+
+def load_generator(ckpt: str | Path, use_ema: bool = True, device: str | None = None) -> Generator:
+    """Any registered generator from a checkpoint or run folder, in eval mode on `device`."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = TesseraModel.from_pretrained(ckpt, ema=use_ema, map_location=device)
+    if not isinstance(model, Generator):
+        raise CheckpointError(f"{ckpt} holds a '{model.kind}' model, which does not generate; give a generator checkpoint")
+    return model.eval()
+
+
+def sampler_for(model: Generator, settings: SamplingConfig):
+    """The sampler that drives this kind of generator."""
+    if isinstance(model, AutoregressiveGenerator):
+        return AutoregressiveSampler(settings)
+    raise CheckpointError(f"no sampler for generator kind '{model.kind}'")
+
+
+@torch.no_grad()
+def generate(model: Generator, values: list[str] | None, n: int, settings: SamplingConfig,
+             batch_size: int = 64) -> torch.Tensor:
+    """n images (n, 3, H, W) in [-1, 1]; batches get consecutive seeds from settings.seed."""
+    cond = model.parse_condition(values, n)
+    chunks = []
+    for i, start in enumerate(range(0, n, batch_size)):
+        part = cond[start:start + batch_size] if not isinstance(cond, int) else min(batch_size, n - start)
+        sampler = sampler_for(model, settings.replace(seed=settings.seed + i))
+        device_type = next(model.parameters()).device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            chunks.append(model.sample(part, sampler).float().cpu())
+    return torch.cat(chunks)
+
+
+def generate_to_file(ckpt: str | Path, values: list[str] | None, n: int, settings: SamplingConfig, out: str | Path,
+                     use_ema: bool = True, device: str | None = None, batch_size: int = 64) -> Path:
+    model = load_generator(ckpt, use_ema=use_ema, device=device)
+    return save_grid(generate(model, values, n, settings, batch_size), out)

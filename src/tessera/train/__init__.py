@@ -1,0 +1,1 @@
+"""One accelerate-based trainer for every model (tokenizers and generators)."""

@@ -1,0 +1,67 @@
+"""A training recipe: which model, which data, how to train, where to write."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..config import Config, check_range
+
+
+@dataclass
+class ModelSection(Config):
+    """The model to build: registry kind, optional preset, and config fields on top."""
+
+    kind: str = "next_token"
+    preset: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSection(Config):
+    shards: str = ""
+    resolution: int = 0  # 0: the model's image_size
+    shuffle_buffer: int = 1000
+    num_workers: int = 0
+
+
+@dataclass
+class TrainSection(Config):
+    steps: int = 1000
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    log_every: int = 50
+    ckpt_every: int = 500
+    sample_every: int = 500  # 0 disables preview grids
+    keep_checkpoints: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        check_range("train.steps", self.steps, 1)
+        check_range("train.batch_size", self.batch_size, 1)
+        check_range("train.grad_accum", self.grad_accum, 1)
+        check_range("train.lr", self.lr, 0.0, low_open=True)
+        check_range("train.ema_decay", self.ema_decay, 0.0, 1.0, high_open=True)
+        check_range("train.warmup_steps", self.warmup_steps, 0)
+        check_range("train.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
+        check_range("train.log_every", self.log_every, 1)
+        check_range("train.ckpt_every", self.ckpt_every, 1)
+
+
+@dataclass
+class Recipe(Config):
+    """What `tessera train --config FILE [key=value ...]` reads."""
+
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    out: str = "runs/default"

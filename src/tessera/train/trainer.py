@@ -1,0 +1,178 @@
+"""The one training loop: single process by default, distributed under `accelerate launch`."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import is_tensorboard_available, set_seed
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..checkpoint import EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, atomic_write_text, resolve_checkpoint
+from ..config import ConfigError
+from ..data.loader import make_image_loader
+from ..modeling import TesseraModel
+from ..registry import build_model
+from .ema import EMA
+from .previews import write_preview
+from .recipe import Recipe
+from .schedule import warmup_cosine
+from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
+
+TEXT_TOKENIZER_AUTO = "auto"
+
+
+def _mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() else "no"
+    return setting
+
+
+def _prepare_assets(recipe: Recipe, run_dir: Path, is_main: bool) -> dict[str, Any]:
+    """Model config with `text_tokenizer: auto` replaced by one trained on the shards' captions."""
+    config = dict(recipe.model.config)
+    if config.get("text_tokenizer") == TEXT_TOKENIZER_AUTO:
+        from ..data.loader import iter_captions
+        from ..tokenizers.text import train_text_tokenizer
+        path = run_dir / "text_tokenizer.json"
+        if is_main and not path.exists():
+            train_text_tokenizer(iter_captions(recipe.data.shards), vocab_size=1024, out_path=path)
+        config["text_tokenizer"] = str(path)
+    return config
+
+
+def _optimizer(model: TesseraModel, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not norms, biases or gains)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    t = recipe.train
+    return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.cuda.is_available())
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train the recipe's model; returns the final metrics (also written to `out/metrics.json`)."""
+    if not recipe.data.shards:
+        raise ConfigError("data.shards is empty: point it at a folder of shards (e.g. made by `tessera data shapes`)")
+    run_dir = Path(recipe.out)
+    latest = run_dir / "checkpoints" / LATEST_FILE
+    if latest.exists() and not resume:
+        raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or set out= elsewhere")
+    t = recipe.train
+    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
+                              gradient_accumulation_steps=t.grad_accum,
+                              log_with="tensorboard" if is_tensorboard_available() else None,
+                              project_dir=str(run_dir))
+    if not is_tensorboard_available():
+        accelerator.print("note: tensorboard is not installed (pip install 'tessera[train]'); logging to metrics.json only")
+    set_seed(t.seed + accelerator.process_index)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
+    model_config = _prepare_assets(recipe, run_dir, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    model = build_model(recipe.model.kind, recipe.model.preset or None, **model_config)
+    optimizer = _optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+    ema = EMA(model, t.ema_decay)
+    step = 0
+    if resume and latest.exists():
+        step = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    raw_model: TesseraModel = accelerator.unwrap_model(model)
+    resolution = recipe.data.resolution or getattr(raw_model.config, "image_size", 0)
+    loader = make_image_loader(recipe.data.shards, t.batch_size, resolution, num_workers=recipe.data.num_workers,
+                               seed=t.seed + step, shuffle_buffer=recipe.data.shuffle_buffer)
+    if accelerator.is_main_process:
+        accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
+        accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
+                          f"attention={getattr(getattr(raw_model.config, 'trunk', None), 'attention', 'n/a')}, "
+                          f"precision={accelerator.mixed_precision}, device={accelerator.device}")
+    metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return metrics
+
+
+def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) -> int:
+    state = load_train_state(ckpt)
+    model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
+    ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+def _count(model: TesseraModel) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress):
+    t = recipe.train
+    data = iter(loader)
+    tokens_per_sample = getattr(raw_model, "n_units", 0) * getattr(raw_model, "unit_size", 0)
+    sums: dict[str, float] = {}
+    count, seen, window_start = 0, 0, time.perf_counter()
+    metrics: dict[str, Any] = {}
+    preview_batch = None
+    bar = tqdm(total=t.steps, initial=step, disable=not (progress and accelerator.is_main_process),
+               desc=f"train {recipe.model.kind}", dynamic_ncols=True)
+    while step < t.steps:
+        for _ in range(t.grad_accum):
+            batch = _to_device(next(data), accelerator.device)
+            preview_batch = preview_batch or batch
+            batch["step"] = step
+            with accelerator.accumulate(model):
+                loss, logs = model(batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.grad_clip > 0:
+                    logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            seen += batch["image"].shape[0] if "image" in batch else batch["tokens"].shape[0]
+            for key, value in {"loss": loss, **logs}.items():
+                sums[key] = sums.get(key, 0.0) + float(value) / t.grad_accum
+        scheduler.step()
+        ema.update(raw_model)
+        step += 1
+        count += 1
+        bar.update(1)
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.perf_counter() - window_start
+            metrics = {k: v / count for k, v in sums.items()}
+            metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
+            if tokens_per_sample:
+                metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens_per_sample
+            accelerator.log(metrics, step=step)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            sums, count, seen, window_start = {}, 0, 0, time.perf_counter()
+        if accelerator.is_main_process:
+            if step % t.ckpt_every == 0 or step == t.steps:
+                save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
+                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "ema_updates": ema.updates, "rng": rng_state()}, keep=t.keep_checkpoints)
+            if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
+                with ema.applied_to(raw_model):
+                    write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
+    bar.close()
+    metrics = {k: (v if isinstance(v, (int, float)) else float(v)) for k, v in metrics.items()}
+    metrics["step"] = step
+    if accelerator.is_main_process:
+        atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
+    return metrics
+
