@@ -67,7 +67,8 @@ class TesseraModel(nn.Module):
     def train(self, mode: bool = True) -> "TesseraModel":
         super().train(mode)
         for name in self.frozen_submodules:
-            getattr(self, name).eval()
+            if getattr(self, name, None) is not None:
+                getattr(self, name).eval()
         return self
 
     # ----- checkpoint format -------------------------------------------------------------------

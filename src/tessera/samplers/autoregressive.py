@@ -1,13 +1,14 @@
 """KV-cached (and uncached reference) left-to-right sampling for autoregressive generators."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
 
 from ..generators.base import AutoregressiveGenerator, Condition
 from ..generators.conditioning import condition_size
-from .logits import GuidanceSchedule, SamplingConfig, guided_logits, sample_from_logits
+from .logits import GuidanceSchedule, SamplingConfig, exponential_noise, guided_logits, sample_from_logits
 
 UnitCallback = Callable[[int, torch.Tensor], None]
 
@@ -17,45 +18,81 @@ class AutoregressiveSampler:
 
     CFG runs as a doubled batch (conditional rows, then null-condition rows); the weight for
     unit j is `schedule.weight(j / (n_units - 1))` in the standard form
-    `uncond + w * (cond - uncond)`. `on_unit(j, units_so_far)` is called after each unit
-    (progressive previews).
+    `uncond + w * (cond - uncond)`. `on_unit(j, units_so_far)` is called after each unit.
+
+    `compile=True` (CUDA) compiles one decode step (trunk step + guidance + filtering +
+    sampling) with CUDA-graph replay (`mode="reduce-overhead"`), attending only over a static
+    bucket of `kv_bucket` cache slots past the current position; the same function runs
+    eagerly otherwise, so compiled and eager sampling draw the same tokens up to numerics.
     """
 
-    def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_unit: UnitCallback | None = None):
+    def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_unit: UnitCallback | None = None,
+                 compile: bool = False, kv_bucket: int = 64):
         self.settings = settings
         self.schedule = GuidanceSchedule.from_config(settings)
         self.use_cache = use_cache
         self.on_unit = on_unit
+        self.compile = compile
+        self.kv_bucket = kv_bucket
+        self._compiled: dict[tuple, tuple] = {}
+
+    def _sample(self, logits: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor, guided: bool) -> torch.Tensor:
+        logits = logits.float()
+        if guided:
+            cond_logits, uncond_logits = logits.chunk(2)
+            logits = guided_logits(cond_logits, uncond_logits, weight)
+        s = self.settings
+        return sample_from_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, noise=noise)
+
+    def _step_function(self, model: AutoregressiveGenerator, cache, guided: bool):
+        """One decode step bound to this model and cache (compiled once per model/cache)."""
+        key = (id(model), id(cache), guided)
+        if key not in self._compiled:
+            def step(unit, index, weight, noise, kv_len: int):
+                fed = unit.repeat(2, 1) if guided else unit
+                return self._sample(model.decode_step(fed, index, cache, kv_len), weight, noise, guided)
+            fn = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False) if self.compile else step
+            self._compiled = {key: (cache, fn)}
+        return self._compiled[key][1]
 
     @torch.no_grad()
     def __call__(self, model: AutoregressiveGenerator, cond: Condition) -> torch.Tensor:
         device = next(model.parameters()).device
         batch = condition_size(cond)
-        guided = model.has_condition and self.settings.cfg != 1.0
+        n = model.n_units
+        weights = [self.schedule.weight(j / max(n - 1, 1)) for j in range(n)]
+        guided = model.has_condition and any(w != 1.0 for w in weights)
         keep = torch.zeros(batch, dtype=torch.bool, device=device)
         prefix = model.prefix_embeddings(cond, keep)
         if guided:
             prefix = torch.cat([prefix, model.prefix_embeddings(cond, ~keep)])
+        dtype = next(model.trunk.parameters()).dtype
+        prefix = prefix.to(dtype)
         generator = torch.Generator(device).manual_seed(self.settings.seed)
-        n = model.n_units
-        units = torch.zeros(batch, n, model.unit_size, dtype=torch.long, device=device)
-        cache = model.new_cache(prefix.shape[0], prefix.dtype, device) if self.use_cache else None
-        logits = model.prefill(prefix, cache) if cache is not None else None
+        size, vocab = model.unit_size, model.config.vocab_size
+        units = torch.zeros(batch, n, size, dtype=torch.long, device=device)
+        weights = torch.tensor(weights, device=device)
+        cache = self._cache(model, prefix.shape[0], dtype, device) if self.use_cache else None
+        step = self._step_function(model, cache, guided) if cache is not None else None
+        p = prefix.shape[1]
         for j in range(n):
+            noise = exponential_noise((batch, size, vocab), generator, device)
             if cache is None:
                 so_far = units[:, :j].repeat(2 if guided else 1, 1, 1)
-                logits = model.logits_all(prefix, so_far)[:, j]
-            step_logits = logits.float()
-            if guided:
-                cond_logits, uncond_logits = step_logits.chunk(2)
-                weight = self.schedule.weight(j / max(n - 1, 1))
-                step_logits = guided_logits(cond_logits, uncond_logits, weight)
-            units[:, j] = sample_from_logits(step_logits, temperature=self.settings.temperature,
-                                             top_k=self.settings.top_k, top_p=self.settings.top_p,
-                                             generator=generator)
+                units[:, j] = self._sample(model.logits_all(prefix, so_far)[:, j], weights[j], noise, guided)
+            elif j == 0:
+                units[:, 0] = self._sample(model.prefill(prefix, cache), weights[0], noise, guided)
+            else:
+                kv_len = min(cache.max_len, math.ceil((p + j) / self.kv_bucket) * self.kv_bucket)
+                index = torch.full((1,), j - 1, device=device)
+                units[:, j] = step(units[:, j - 1], index, weights[j], noise, kv_len)
             if self.on_unit is not None:
                 self.on_unit(j, units[:, : j + 1])
-            if cache is not None and j < n - 1:
-                fed = units[:, j].repeat(2, 1) if guided else units[:, j]
-                logits = model.decode_step(fed, j, cache)
         return units
+
+    def _cache(self, model: AutoregressiveGenerator, batch: int, dtype: torch.dtype, device: torch.device):
+        """Reuse the compiled step's cache for the same model/batch (stale slots are masked)."""
+        for (model_id, _, _), (cache, _) in self._compiled.items():
+            if model_id == id(model) and cache.k.shape[1] == batch and cache.k.dtype == dtype:
+                return cache
+        return model.new_cache(batch, dtype, device)
