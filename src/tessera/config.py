@@ -171,6 +171,9 @@ def check_range(name: str, value: float, low: float | None = None, high: float |
     bad = (low is not None and (value < low or (low_open and value == low))) or (
         high is not None and (value > high or (high_open and value == high)))
     if bad:
+        if high is None:
+            bound = f"> {low}" if low_open else f">= {low}"
+            raise ConfigError(f"{name}={value} is out of range: it must be {bound}")
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
         raise ConfigError(f"{name}={value} is out of range {lo}{low}, {high}{hi}")

@@ -34,7 +34,7 @@ def quickstart_recipes(out: Path, scale: float) -> tuple[Recipe, Recipe]:
     steps = lambda n: max(4, int(n * scale))  # noqa: E731
     shards = str(out / "data" / "shapes32")
     vq = Recipe.from_dict({
-        "model": {"kind": "vq", "preset": "tiny", "config": {"image_size": RESOLUTION}},
+        "model": {"kind": "vq", "preset": "tiny", "config": {"image_size": RESOLUTION, "base_channels": 16}},
         "data": {"shards": shards, "resolution": RESOLUTION},
         "train": {"steps": steps(800), "batch_size": 32, "lr": 1e-3, "warmup_steps": steps(50), "ema_decay": 0.99,
                   "log_every": steps(50), "ckpt_every": steps(800), "sample_every": steps(800)},

@@ -133,7 +133,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
     while step < t.steps:
         for _ in range(t.grad_accum):
             batch = _to_device(next(data), accelerator.device)
-            preview_batch = preview_batch or batch
+            preview_batch = preview_batch or dict(batch)
             batch["step"] = step
             with accelerator.accumulate(model):
                 loss, logs = model(batch)

@@ -1,0 +1,1 @@
+"""Data: procedural shapes, real-data converters, WebDataset shards and the batch loader."""

@@ -1,0 +1,77 @@
+"""`tessera data ...`: write shapes, Fashion-MNIST or emoji as WebDataset shards."""
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..config import ConfigError
+from .shapes import MAX_RESOLUTION, MIN_RESOLUTION, write_shapes_dataset
+from .sources import (DEFAULT_NPM_CACHE, EMOJI_STYLES, FASHION_MNIST_DIR, FASHION_MNIST_SPLITS, write_emoji,
+                      write_fashion_mnist)
+
+
+def _check_res(res: int) -> None:
+    if not MIN_RESOLUTION <= res <= MAX_RESOLUTION:
+        raise ConfigError(f"--res must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {res}")
+
+
+def _at_least(flag: str, value: int, low: int) -> None:
+    if value < low:
+        raise ConfigError(f"{flag} must be at least {low}, got {value}")
+
+
+def _report(info: dict[str, Any], out: str) -> None:
+    print(f"wrote {info['count']} samples in {len(info['shards'])} shard(s) to {out}")
+
+
+def _shapes(args: argparse.Namespace) -> None:
+    _check_res(args.res)
+    _at_least("--n", args.n, 1)
+    _at_least("--seed", args.seed, 0)
+    _at_least("--per-shard", args.per_shard, 1)
+    _report(write_shapes_dataset(args.out, args.n, args.res, seed=args.seed, per_shard=args.per_shard,
+                                 progress=True), args.out)
+
+
+def _fashion_mnist(args: argparse.Namespace) -> None:
+    _at_least("--per-shard", args.per_shard, 1)
+    _report(write_fashion_mnist(args.out, args.split, root=args.root, install=args.install,
+                                per_shard=args.per_shard, progress=True), args.out)
+
+
+def _emoji(args: argparse.Namespace) -> None:
+    _check_res(args.res)
+    _at_least("--per-shard", args.per_shard, 1)
+    _report(write_emoji(args.out, args.res, args.style, cache=args.cache, install=args.install,
+                        per_shard=args.per_shard, progress=True), args.out)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the `data` command and its subcommands (each sets `func` to its handler)."""
+    data = subparsers.add_parser("data", help="write a dataset as WebDataset shards (shapes, fashion-mnist, emoji)")
+    sub = data.add_subparsers(dest="data_command", required=True)
+
+    p = sub.add_parser("shapes", help="procedural captioned shape scenes with GenEval-style ground truth")
+    p.add_argument("--n", type=int, default=50000, help="number of scenes")
+    p.add_argument("--res", type=int, default=64, help=f"resolution, {MIN_RESOLUTION}-{MAX_RESOLUTION}")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier dataset)")
+    p.add_argument("--seed", type=int, default=0, help="scene set; scene i of a seed is the same at every --res")
+    p.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
+    p.set_defaults(func=_shapes)
+
+    p = sub.add_parser("fashion-mnist", help="Fashion-MNIST from the Debian package dataset-fashion-mnist")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier dataset)")
+    p.add_argument("--split", default="train", choices=sorted(FASHION_MNIST_SPLITS))
+    p.add_argument("--install", action="store_true", help="apt-get install the package if it is missing")
+    p.add_argument("--root", default=str(FASHION_MNIST_DIR), help="folder with the *-ubyte.gz files")
+    p.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
+    p.set_defaults(func=_fashion_mnist)
+
+    p = sub.add_parser("emoji", help="Noto and Fluent 3D emoji (npm packages) captioned with their names")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier dataset)")
+    p.add_argument("--res", type=int, default=64, help=f"resolution, {MIN_RESOLUTION}-{MAX_RESOLUTION}")
+    p.add_argument("--style", default="both", choices=sorted(EMOJI_STYLES))
+    p.add_argument("--install", action="store_true", help="`npm pack` the packages into --cache if missing")
+    p.add_argument("--cache", default=str(DEFAULT_NPM_CACHE), help="folder holding the npm tarballs")
+    p.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
+    p.set_defaults(func=_emoji)
