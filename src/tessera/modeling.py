@@ -23,7 +23,9 @@ class TesseraModel(nn.Module):
     `loss(batch) -> (loss, logs)`, and may name `asset_fields`: config fields holding paths
     to files or folders (a tokenizer checkpoint, a text tokenizer) that are copied into the
     checkpoint folder and resolved relative to it on load. Submodules listed in
-    `frozen_submodules` are not trained and not saved in `model.safetensors`.
+    `frozen_submodules` are not trained and not saved in `model.safetensors`. Weights under
+    `ema_follows_live` prefixes are copied, not averaged, into the EMA (e.g. a VQ codebook whose
+    dead codes restart: averaging would blend a restarted code with its dead value).
     """
 
     kind: ClassVar[str]
@@ -31,6 +33,7 @@ class TesseraModel(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     asset_fields: ClassVar[tuple[str, ...]] = ()
     frozen_submodules: ClassVar[tuple[str, ...]] = ()
+    ema_follows_live: ClassVar[tuple[str, ...]] = ()  # key prefixes whose EMA copy tracks the live weights
 
     def __init__(self, config: Config):
         super().__init__()

@@ -22,7 +22,7 @@ class EMA:
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
         for key, value in model.trainable_state_dict().items():
-            if value.dtype.is_floating_point:
+            if value.dtype.is_floating_point and not key.startswith(model.ema_follows_live):
                 self.shadow[key].lerp_(value.float(), 1 - decay)
             else:
                 self.shadow[key].copy_(value)

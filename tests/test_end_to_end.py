@@ -1,0 +1,92 @@
+"""The main job end to end (tiny scale), resume, and the CLI's one-line errors on bad input."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from tessera.cli import main
+from tessera.train.recipe import Recipe
+from tessera.train.trainer import train
+
+
+@pytest.fixture(scope="module")
+def quickstart_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qs")
+    assert main(["quickstart", "--out", str(out), "--scale", "0.03"]) == 0
+    return out
+
+
+def test_quickstart_writes_every_artifact(quickstart_dir):
+    metrics = json.loads((quickstart_dir / "metrics.json").read_text())
+    assert metrics["vq"]["psnr_db"] > 5 and 0 < metrics["vq"]["codebook_usage"] <= 1
+    assert metrics["next_token"]["final_train_loss"] > 0
+    for name in ("samples.png", "reconstructions.png", "README.txt", "recipe_vq.yaml", "recipe_next_token.yaml"):
+        assert (quickstart_dir / name).is_file(), name
+    grid = Image.open(quickstart_dir / "samples.png")
+    assert grid.size[0] > 8 * 32 and grid.size[1] > 2 * 32
+    assert (quickstart_dir / "next_token" / "checkpoints" / "latest").is_file()
+    assert any((quickstart_dir / "next_token" / "samples").glob("step-*.png"))
+
+
+def test_sample_cli_writes_a_grid(quickstart_dir, tmp_path):
+    out = tmp_path / "grid.png"
+    code = main(["sample", "--ckpt", str(quickstart_dir / "next_token"), "--prompt", "two red circles",
+                 "--n", "4", "--cfg", "3", "--top-k", "100", "--seed", "0", "--out", str(out)])
+    assert code == 0
+    assert Image.open(out).size == (2 * 32 + 3 * 2, 2 * 32 + 3 * 2)
+
+
+def test_resume_continues_from_the_latest_checkpoint(quickstart_dir, tmp_path):
+    recipe = Recipe.from_file(quickstart_dir / "recipe_vq.yaml").with_overrides(
+        [f"out={tmp_path / 'run'}", "train.steps=4", "train.ckpt_every=2", "train.sample_every=0"])
+    train(recipe, progress=False)
+    with pytest.raises(Exception, match="--resume"):
+        train(recipe, progress=False)
+    longer = recipe.with_overrides(["train.steps=6"])
+    metrics = train(longer, resume=True, progress=False)
+    assert metrics["step"] == 6
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000006"
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tessera.cli", *args], capture_output=True, text=True)
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+def test_bad_inputs_give_one_clear_line(quickstart_dir, tmp_path):
+    assert_one_line_error(run_cli("sample", "--ckpt", str(quickstart_dir / "next_token"), "--top-p", "1.5"),
+                          "top_p=1.5", "(0, 1]")
+    assert_one_line_error(run_cli("sample", "--ckpt", str(quickstart_dir / "vq")), "'vq'", "generator")
+    assert_one_line_error(run_cli("sample", "--ckpt", str(tmp_path / "nope")), "not found")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: {kind: vq, preset: tiny}\ntrain: {stepz: 3}\ndata: {shards: x}\n")
+    assert_one_line_error(run_cli("train", "--config", str(recipe)), "stepz", "valid keys")
+    recipe.write_text(f"model: {{kind: vq, preset: tiny}}\ndata: {{shards: {tmp_path / 'empty'}}}\nout: {tmp_path / 'o'}\n")
+    (tmp_path / "empty").mkdir()
+    assert_one_line_error(run_cli("train", "--config", str(recipe)), "empty")
+
+
+def test_existing_checkpoint_is_never_damaged(quickstart_dir, tmp_path):
+    """A failed overwrite attempt leaves the previous checkpoint loadable and byte-identical."""
+    from tessera.checkpoint import resolve_checkpoint
+    from tessera.modeling import TesseraModel
+    ckpt = resolve_checkpoint(quickstart_dir / "vq")
+    before = (ckpt / "model.safetensors").read_bytes()
+    model = TesseraModel.from_pretrained(ckpt)
+    model.trainable_state_dict = lambda: {"x": torch.zeros(1)}  # saving now fails midway (bad state)
+    model.write_into = lambda folder, **kw: (_ for _ in ()).throw(RuntimeError("disk full"))
+    with pytest.raises(RuntimeError):
+        model.save_pretrained(ckpt)
+    assert (ckpt / "model.safetensors").read_bytes() == before
+    assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]
