@@ -45,8 +45,8 @@ def quickstart_recipes(out: Path, scale: float) -> tuple[Recipe, Recipe]:
             "tokenizer": str(out / "vq"), "image_size": RESOLUTION, "cond": "text", "text_tokenizer": "auto",
             "text_len": 12, "trunk": {"dim": 128, "n_layers": 4, "n_heads": 4}}},
         "data": {"shards": shards, "resolution": RESOLUTION},
-        "train": {"steps": steps(1200), "batch_size": 32, "lr": 1e-3, "warmup_steps": steps(50), "ema_decay": 0.995,
-                  "log_every": steps(50), "ckpt_every": steps(1200), "sample_every": steps(1200)},
+        "train": {"steps": steps(1000), "batch_size": 32, "lr": 1e-3, "warmup_steps": steps(50), "ema_decay": 0.995,
+                  "log_every": steps(50), "ckpt_every": steps(1000), "sample_every": steps(1000)},
         "out": str(out / "next_token"),
     })
     return vq, ar

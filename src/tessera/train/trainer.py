@@ -145,8 +145,8 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             seen += batch["image"].shape[0] if "image" in batch else batch["tokens"].shape[0]
-            for key, value in {"loss": loss, **logs}.items():
-                sums[key] = sums.get(key, 0.0) + float(value) / t.grad_accum
+            for key, value in {"loss": loss.detach(), **logs}.items():  # summed on device: no sync per step
+                sums[key] = sums.get(key, 0.0) + value / t.grad_accum
         scheduler.step()
         ema.update(raw_model)
         step += 1
@@ -154,7 +154,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
         bar.update(1)
         if step % t.log_every == 0 or step == t.steps:
             elapsed = time.perf_counter() - window_start
-            metrics = {k: v / count for k, v in sums.items()}
+            metrics = {k: float(v) / count for k, v in sums.items()}
             metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
             if tokens_per_sample:
                 metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens_per_sample
@@ -170,7 +170,6 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 with ema.applied_to(raw_model):
                     write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
     bar.close()
-    metrics = {k: (v if isinstance(v, (int, float)) else float(v)) for k, v in metrics.items()}
     metrics["step"] = step
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
