@@ -7,7 +7,7 @@
 # Results (metrics, preview grids, sample grids, logs) are packed into $OUT/STAGE.tar.gz.
 set -euo pipefail
 stage=$1; shift || true
-[ -f .whl/setup.sh ] && source .whl/setup.sh
+if command -v nvidia-smi >/dev/null && [ -f .whl/setup.sh ]; then source .whl/setup.sh; fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 tessera() { python3 -m tessera.cli "$@"; }
 out=${OUT:-out}; mkdir -p "$out" runs
