@@ -1,48 +1,62 @@
 #!/usr/bin/env bash
-# The GPU evidence runs for issue 2, one stage per device call (each self-contained, < 10 min):
-#   shapes  - 50k shapes scenes at 64px, VQ, text-conditional next-token, and Token-Shuffle s=2
-#   fashion - Fashion-MNIST (from the raw .gz files carried in .gpu/fashion), VQ + class-conditional
+# The GPU evidence runs for issue 2; stages run in the order given, e.g. `bash launch/h100_issue2.sh shapes fashion`:
+#   shapes  - 50k shapes scenes at 64px (+2k held out), VQ, text-conditional next-token, and Token-Shuffle s=2
+#   fashion - Fashion-MNIST train/test (raw .gz files carried in .gpu/fashion), VQ + class-conditional
 #   emoji   - emoji shards carried in data/emoji (made here with `tessera data emoji`), VQ + text-conditional
-# Run from the repo root on the GPU machine:  bash launch/h100_issue2.sh STAGE [key=value overrides for training]
-# Results (metrics, preview grids, sample grids, logs) are packed into $OUT/STAGE.tar.gz.
+# Each training run is time-boxed (seconds, below): at its limit it gets SIGTERM, finishes the step and
+# writes a checkpoint, so the sampling that follows still works. Overrides for every run: TRAIN_ARGS="k=v ...".
+# Results (metrics, preview grids, sample grids, logs) are packed into $OUT/issue2.tar.gz, also when cut short.
 set -euo pipefail
-stage=$1; shift || true
 if command -v nvidia-smi >/dev/null && [ -f .whl/setup.sh ]; then source .whl/setup.sh; fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 tessera() { python3 -m tessera.cli "$@"; }
 out=${OUT:-out}; mkdir -p "$out" runs
-log=$out/$stage.log
-train() { /usr/bin/time -f "%e s wall" python3 -m tessera.cli train --config "$@" 2>&1 | tr '\r' '\n' | grep -v "^train .*it/s" ; }
-{
-case $stage in
-  shapes)
-    time tessera data shapes --n 50000 --res 64 --out data/shapes64
-    train configs/vq_shapes64.yaml "$@"
-    train configs/next_token_shapes64.yaml "$@"
-    train configs/next_token_shapes64_shuffle2.yaml "$@"
-    for run in next_token_shapes64 next_token_shapes64_shuffle2; do
-      tessera sample --ckpt runs/$run --prompt "two red circles" --prompt "a blue square" \
-        --prompt "a red circle left of a blue square" --prompt "three yellow stars" \
-        --n 32 --cfg 3 --top-k 100 --seed 0 --out runs/$run/grid_cfg3.png
-    done ;;
-  fashion)
-    tessera data fashion-mnist --out data/fashion --split train --root .gpu/fashion
-    train configs/vq_fashion32.yaml "$@"
-    train configs/next_token_fashion32.yaml "$@"
-    tessera sample --ckpt runs/next_token_fashion32 --n 40 --cfg 3 --seed 0 --out runs/next_token_fashion32/grid_cfg3.png ;;
-  emoji)
-    train configs/vq_emoji64.yaml "$@"
-    train configs/next_token_emoji64.yaml "$@"
-    tessera sample --ckpt runs/next_token_emoji64 --prompt "red apple" --prompt "smiling face with sunglasses" \
-      --prompt "dog face" --prompt "pizza" --n 32 --cfg 3 --top-k 200 --seed 0 --out runs/next_token_emoji64/grid_cfg3.png ;;
-  *) echo "unknown stage $stage"; exit 2 ;;
-esac
-python3 - "$stage" <<'PY'
-import json, sys, pathlib
+log=$out/issue2.log
+trap 'tar czf "$out/issue2.tar.gz" --exclude="*.safetensors" --exclude="train_state.pt" runs "$log" 2>/dev/null || true' EXIT
+# train SECONDS CONFIG: time-boxed training, progress-bar lines filtered out of the log
+train() {
+  local budget=$1 config=$2 start=$SECONDS
+  echo "=== train $config (budget ${budget}s)"
+  timeout -s TERM -k 60 "$budget" python3 -m tessera.cli train --config "$config" ${TRAIN_ARGS:-} 2>&1 \
+    | tr '\r' '\n' | grep -v "^train .*it/s" || true
+  echo "=== $config: $((SECONDS - start)) s"
+}
+recon() { tessera eval tokenizer --ckpt "runs/$1" --shards "$2" --n "${3:-2000}" --out "runs/$1/recon_eval.json" 2>&1 | tail -1; }
+grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
+for stage in "$@"; do
+  echo "##### stage $stage at ${SECONDS}s"
+  case $stage in
+    shapes)
+      tessera data shapes --n 50000 --res 64 --out data/shapes64 2>&1 | tail -1
+      tessera data shapes --n 2000 --res 64 --seed 1 --out data/shapes64_val 2>&1 | tail -1
+      train 120 configs/vq_shapes64.yaml
+      recon vq_shapes64 data/shapes64_val
+      train 150 configs/next_token_shapes64.yaml
+      train 70 configs/next_token_shapes64_shuffle2.yaml
+      for run in next_token_shapes64 next_token_shapes64_shuffle2; do
+        grid $run --top-k 100 --prompt "two red circles" --prompt "a blue square" \
+          --prompt "a red circle left of a blue square" --prompt "three yellow stars"
+      done ;;
+    fashion)
+      tessera data fashion-mnist --out data/fashion --split train --root .gpu/fashion 2>&1 | tail -1
+      tessera data fashion-mnist --out data/fashion_test --split test --root .gpu/fashion 2>&1 | tail -1
+      train 80 configs/vq_fashion32.yaml
+      recon vq_fashion32 data/fashion_test
+      train 90 configs/next_token_fashion32.yaml
+      grid next_token_fashion32 ;;
+    emoji)
+      train 120 configs/vq_emoji64.yaml
+      recon vq_emoji64 data/emoji  # no held-out split: all 7,161 emoji are training images
+      train 180 configs/next_token_emoji64.yaml
+      grid next_token_emoji64 --top-k 200 --prompt "red apple" --prompt "smiling face with sunglasses" \
+        --prompt "dog face" --prompt "pizza" ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+done 2>&1 | tee -a "$log"
+python3 - <<'PY' | tee -a "$log"
+import json, pathlib
 for run in sorted(pathlib.Path("runs").iterdir()):
     m = run / "metrics.json"
     if m.exists():
         print(run.name, json.dumps(json.loads(m.read_text())))
 PY
-} 2>&1 | tee "$log"
-tar czf "$out/$stage.tar.gz" --exclude='*.safetensors' --exclude='train_state.pt' runs "$log"

@@ -49,6 +49,8 @@ def test_resume_continues_from_the_latest_checkpoint(quickstart_dir, tmp_path):
     longer = recipe.with_overrides(["train.steps=6"])
     metrics = train(longer, resume=True, progress=False)
     assert metrics["step"] == 6
+    logged = [json.loads(line)["step"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert logged[-1] == 6 and logged == sorted(logged)
     assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000006"
 
 
@@ -90,3 +92,39 @@ def test_existing_checkpoint_is_never_damaged(quickstart_dir, tmp_path):
         model.save_pretrained(ckpt)
     assert (ckpt / "model.safetensors").read_bytes() == before
     assert not [p for p in ckpt.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint(quickstart_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from tessera.tokenizers.vq import VQTokenizer
+    recipe = Recipe.from_file(quickstart_dir / "recipe_vq.yaml").with_overrides(
+        [f"out={tmp_path / 'run'}", "train.steps=50", "train.ckpt_every=100", "train.sample_every=0"])
+    calls = []
+    forward = VQTokenizer.forward
+
+    def forward_then_signal(self, batch):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(self, batch)
+
+    monkeypatch.setattr(VQTokenizer, "forward", forward_then_signal)
+    previous = signal.getsignal(signal.SIGTERM)
+    metrics = train(recipe, progress=False)
+    assert metrics["step"] == 3 and metrics["stopped_by"] == "SIGTERM"
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == "step-0000003"
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["step"] == 3
+    assert signal.getsignal(signal.SIGTERM) == previous
+
+
+def test_eval_tokenizer_cli_writes_report_and_grid(quickstart_dir, tmp_path):
+    out = tmp_path / "recon.json"
+    code = main(["eval", "tokenizer", "--ckpt", str(quickstart_dir / "vq"), "--shards",
+                 str(quickstart_dir / "data" / "shapes32"), "--n", "20", "--batch-size", "8", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["images"] == 20 and report["psnr_db"] > 5
+    assert 0 < report["codes_used"] <= 20 * 8 * 8 and 1 <= report["code_perplexity"] <= report["codes_used"]
+    assert Image.open(out.with_suffix(".png")).size[0] > 0

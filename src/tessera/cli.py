@@ -1,4 +1,4 @@
-"""`tessera` entry point: data, train, sample, quickstart."""
+"""`tessera` entry point: data, train, sample, eval, quickstart."""
 from __future__ import annotations
 
 import argparse
@@ -59,6 +59,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from .data.commands import register as register_data
+    from .eval.commands import register as register_eval
     from .samplers.logits import SamplingConfig
     parser = argparse.ArgumentParser(prog="tessera", description="Autoregressive and masked generation on one trunk.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -82,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     add_config_flags(p, SamplingConfig)
     p.set_defaults(func=_sample)
+
+    register_eval(sub)
 
     p = sub.add_parser("quickstart", help="make shapes data, train a tiny VQ + next-token model, sample (CPU, minutes)")
     p.add_argument("--out", default="quickstart")

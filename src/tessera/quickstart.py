@@ -11,16 +11,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from .checkpoint import atomic_write_text
-from .data.loader import make_image_loader
 from .data.shapes import write_shapes_dataset
+from .eval.reconstruction import evaluate_tokenizer
 from .images import save_grid
-from .metrics import psnr
 from .sample import generate, load_generator
 from .samplers.logits import SamplingConfig
-from .tokenizers.vq import VQTokenizer
 from .train.recipe import Recipe
 from .train.trainer import train
 
@@ -52,20 +48,6 @@ def quickstart_recipes(out: Path, scale: float) -> tuple[Recipe, Recipe]:
     return vq, ar
 
 
-@torch.no_grad()
-def evaluate_vq(vq_dir: Path, shards: str, out: Path, n: int = 256) -> dict[str, float]:
-    """Reconstruction PSNR and codebook usage on `n` images; writes a reconstruction grid."""
-    vq = VQTokenizer.from_pretrained(vq_dir).eval()
-    batch = next(iter(make_image_loader(shards, n, RESOLUTION, seed=12345, infinite=False)))
-    images = batch["image"]
-    codes = vq.encode(images)
-    recon = vq.decode(codes)
-    save_grid(torch.stack([images[:16], recon[:16]], 1).flatten(0, 1), out / "reconstructions.png", nrow=8)
-    used = codes.unique().numel()
-    return {"psnr_db": float(psnr(recon, images)), "codes_used": used,
-            "codebook_usage": used / vq.vocab_size, "codebook_size": vq.vocab_size}
-
-
 def run_quickstart(out: Path, scale: float = 1.0, n_images: int = 4000) -> dict[str, Any]:
     """Run every stage; returns (and writes to out/metrics.json) what was measured."""
     start = time.perf_counter()
@@ -81,7 +63,8 @@ def run_quickstart(out: Path, scale: float = 1.0, n_images: int = 4000) -> dict[
     timings["vq_train_s"] = time.perf_counter() - start - sum(timings.values())
     ar_metrics = train(ar_recipe)
     timings["next_token_train_s"] = time.perf_counter() - start - sum(timings.values())
-    report: dict[str, Any] = {"vq": {**evaluate_vq(Path(vq_recipe.out), str(shards), out),
+    recon = evaluate_tokenizer(vq_recipe.out, shards, n=256, grid_path=out / "reconstructions.png", device="cpu")
+    report: dict[str, Any] = {"vq": {**recon,
                                      "final_train_loss": vq_metrics.get("loss")},
                               "next_token": {"final_train_loss": ar_metrics.get("loss"),
                                              "final_train_ce": ar_metrics.get("ce"),

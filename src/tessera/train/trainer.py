@@ -21,9 +21,11 @@ from .ema import EMA
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
+from .stop import StopRequest
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
 
 TEXT_TOKENIZER_AUTO = "auto"
+LOG_FILE = "log.jsonl"  # one JSON line per log_every steps
 
 
 def _mixed_precision(setting: str) -> str:
@@ -130,48 +132,54 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
     preview_batch = None
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {recipe.model.kind}", dynamic_ncols=True)
-    while step < t.steps:
-        for _ in range(t.grad_accum):
-            batch = _to_device(next(data), accelerator.device)
-            preview_batch = preview_batch or dict(batch)
-            batch["step"] = step
-            with accelerator.accumulate(model):
-                loss, logs = model(batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.grad_clip > 0:
-                    logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            seen += batch["image"].shape[0] if "image" in batch else batch["tokens"].shape[0]
-            for key, value in {"loss": loss.detach(), **logs}.items():  # summed on device: no sync per step
-                sums[key] = sums.get(key, 0.0) + value / t.grad_accum
-        scheduler.step()
-        ema.update(raw_model)
-        step += 1
-        count += 1
-        bar.update(1)
-        if step % t.log_every == 0 or step == t.steps:
-            elapsed = time.perf_counter() - window_start
-            metrics = {k: float(v) / count for k, v in sums.items()}
-            metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
-            if tokens_per_sample:
-                metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens_per_sample
-            accelerator.log(metrics, step=step)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-            sums, count, seen, window_start = {}, 0, 0, time.perf_counter()
-        if accelerator.is_main_process:
-            if step % t.ckpt_every == 0 or step == t.steps:
-                save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
-                    "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "ema_updates": ema.updates, "rng": rng_state()}, keep=t.keep_checkpoints)
-            if t.sample_every and (step % t.sample_every == 0 or step == t.steps):
-                with ema.applied_to(raw_model):
-                    write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
+    with StopRequest() as stop:
+        while step < t.steps and not stop.requested:
+            for _ in range(t.grad_accum):
+                batch = _to_device(next(data), accelerator.device)
+                preview_batch = preview_batch or dict(batch)
+                batch["step"] = step
+                with accelerator.accumulate(model):
+                    loss, logs = model(batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.grad_clip > 0:
+                        logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                seen += batch["image"].shape[0] if "image" in batch else batch["tokens"].shape[0]
+                for key, value in {"loss": loss.detach(), **logs}.items():  # summed on device: no sync per step
+                    sums[key] = sums.get(key, 0.0) + value / t.grad_accum
+            scheduler.step()
+            ema.update(raw_model)
+            step += 1
+            count += 1
+            bar.update(1)
+            last = step == t.steps or stop.requested
+            if step % t.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                metrics = {k: float(v) / count for k, v in sums.items()}
+                metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
+                if tokens_per_sample:
+                    metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens_per_sample
+                accelerator.log(metrics, step=step)
+                if accelerator.is_main_process:
+                    with open(run_dir / LOG_FILE, "a") as log:
+                        log.write(json.dumps({"step": step, **metrics}) + "\n")
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                sums, count, seen, window_start = {}, 0, 0, time.perf_counter()
+            if accelerator.is_main_process:
+                if step % t.ckpt_every == 0 or last:
+                    save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
+                        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "ema_updates": ema.updates, "rng": rng_state()}, keep=t.keep_checkpoints)
+                if t.sample_every and (step % t.sample_every == 0 or last):
+                    with ema.applied_to(raw_model):
+                        write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
     bar.close()
     metrics["step"] = step
+    if stop.requested:
+        metrics["stopped_by"] = stop.signal_name
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2))
     return metrics
-

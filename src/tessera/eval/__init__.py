@@ -1,0 +1,1 @@
+"""Evaluation: tokenizer reconstruction now; FID, IS, precision/recall and compositional scores later."""
