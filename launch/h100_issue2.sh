@@ -38,6 +38,7 @@ for stage in "$@"; do
           --prompt "a red circle left of a blue square" --prompt "three yellow stars"
       done ;;
     fashion)
+      [ -f .gpu/fashion/train-images-idx3-ubyte.gz ] || { echo "skip fashion: .gpu/fashion was not carried"; continue; }
       tessera data fashion-mnist --out data/fashion --split train --root .gpu/fashion 2>&1 | tail -1
       tessera data fashion-mnist --out data/fashion_test --split test --root .gpu/fashion 2>&1 | tail -1
       train 80 configs/vq_fashion32.yaml
@@ -45,6 +46,7 @@ for stage in "$@"; do
       train 90 configs/next_token_fashion32.yaml
       grid next_token_fashion32 ;;
     emoji)
+      [ -d data/emoji ] || { echo "skip emoji: data/emoji was not carried"; continue; }
       train 120 configs/vq_emoji64.yaml
       recon vq_emoji64 data/emoji  # no held-out split: all 7,161 emoji are training images
       train 180 configs/next_token_emoji64.yaml
