@@ -12,6 +12,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_
 tessera() { python3 -m tessera.cli "$@"; }
 out=${OUT:-out}; mkdir -p "$out" runs
 log=$out/issue2.log
+trap 'exit 143' TERM  # so that a `timeout` around this script still packs the results
 trap 'tar czf "$out/issue2.tar.gz" --exclude="*.safetensors" --exclude="train_state.pt" runs "$log" 2>/dev/null || true' EXIT
 # train SECONDS CONFIG: time-boxed training, progress-bar lines filtered out of the log
 train() {
@@ -29,10 +30,10 @@ for stage in "$@"; do
     shapes)
       tessera data shapes --n 50000 --res 64 --out data/shapes64 2>&1 | tail -1
       tessera data shapes --n 2000 --res 64 --seed 1 --out data/shapes64_val 2>&1 | tail -1
-      train 120 configs/vq_shapes64.yaml
+      train 110 configs/vq_shapes64.yaml
       recon vq_shapes64 data/shapes64_val
-      train 150 configs/next_token_shapes64.yaml
-      train 70 configs/next_token_shapes64_shuffle2.yaml
+      train 220 configs/next_token_shapes64.yaml
+      train 150 configs/next_token_shapes64_shuffle2.yaml
       for run in next_token_shapes64 next_token_shapes64_shuffle2; do
         grid $run --top-k 100 --prompt "two red circles" --prompt "a blue square" \
           --prompt "a red circle left of a blue square" --prompt "three yellow stars"

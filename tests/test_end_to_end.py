@@ -128,3 +128,25 @@ def test_eval_tokenizer_cli_writes_report_and_grid(quickstart_dir, tmp_path):
     assert report["images"] == 20 and report["psnr_db"] > 5
     assert 0 < report["codes_used"] <= 20 * 8 * 8 and 1 <= report["code_perplexity"] <= report["codes_used"]
     assert Image.open(out.with_suffix(".png")).size[0] > 0
+
+
+def test_sigterm_to_the_process_group_with_loader_workers_ends_cleanly(quickstart_dir, tmp_path):
+    """What `timeout` or a cluster scheduler does: SIGTERM to every process, DataLoader workers included."""
+    import os
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tessera.cli", "train", "--config", str(quickstart_dir / "recipe_vq.yaml"),
+         f"out={run}", "train.steps=100000", "train.log_every=1", "train.sample_every=0", "data.num_workers=2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (run / "log.jsonl").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["stopped_by"] == "SIGTERM" and metrics["step"] >= 1
+    assert (run / "checkpoints" / "latest").read_text() == f"step-{metrics['step']:07d}"

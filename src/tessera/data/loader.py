@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -62,7 +63,15 @@ def make_image_loader(shards: str, batch_size: int, resolution: int, *, num_work
     if num_workers == 0:
         return pipeline
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=infinite, pin_memory=torch.cuda.is_available())
+                                       persistent_workers=infinite, pin_memory=torch.cuda.is_available(),
+                                       worker_init_fn=ignore_stop_signals)
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGINT/SIGTERM to the main process, which stops training cleanly
+    (a Ctrl-C or `timeout` reaches the whole process group); workers exit with their parent."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def read_class_names(shards: str | Path) -> list[str] | None:
