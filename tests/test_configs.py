@@ -21,3 +21,10 @@ def test_recipe_is_valid(path):
 def test_overrides_reach_nested_model_fields():
     recipe = Recipe.from_file(RECIPES[0]).with_overrides(["train.steps=7", "model.config.trunk.dim=96"])
     assert recipe.train.steps == 7 and recipe.model.config["trunk"]["dim"] == 96
+
+
+def test_nested_override_merges_into_the_preset():
+    from tessera.registry import build_model
+    model = build_model("next_token", "small", vocab_size=64, grid_size=8, trunk={"dropout": 0.1})
+    assert model.config.trunk.dropout == 0.1
+    assert (model.config.trunk.dim, model.config.trunk.n_layers) == (384, 8)

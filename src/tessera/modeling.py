@@ -44,14 +44,14 @@ class TesseraModel(nn.Module):
     # ----- construction -------------------------------------------------------------------
     @classmethod
     def make_config(cls, preset: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
-        """A validated config from a named preset (or the defaults) plus overrides."""
+        """A validated config from a named preset (or the defaults) plus overrides; nested sections
+        (e.g. `trunk`) are merged key by key, so `trunk={"dropout": 0.1}` keeps the preset's width."""
         data: dict[str, Any] = {}
         if preset is not None:
             if preset not in cls.presets:
                 raise ConfigError(f"unknown preset {preset!r} for {cls.kind}; presets: {', '.join(cls.presets)}")
-            data.update(cls.presets[preset])
-        data.update(overrides or {})
-        return cls.config_class.from_dict(data)
+            data = deep_merge(data, cls.presets[preset])
+        return cls.config_class.from_dict(deep_merge(data, overrides or {}))
 
     # ----- training interface ---------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
@@ -147,3 +147,14 @@ class TesseraModel(nn.Module):
 
 def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu() for k, v in state.items()}
+
+
+def deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: `update` over `base`, recursing where both hold a dict."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
