@@ -49,10 +49,11 @@ import torch  # noqa: E402
 
 from peers import llamagen  # noqa: E402
 
-ROWS = ("tessera-eager", "tessera-compiled", "llamagen-eager", "llamagen-compiled")
-# Run order: both eager rows first, then both compiled rows (compilation state never leaks
-# into an eager measurement).
-RUN_ORDER = ("tessera-eager", "llamagen-eager", "tessera-compiled", "llamagen-compiled")
+ROWS = ("tessera-eager", "tessera-compiled", "tessera-compiled-kv64", "llamagen-eager", "llamagen-compiled")
+# Run order: both eager rows first, then the compiled rows (compilation state never leaks
+# into an eager measurement). tessera-compiled attends over the whole static cache (one CUDA
+# graph); tessera-compiled-kv64 over 64-slot buckets (less KV read per step, one graph per bucket).
+RUN_ORDER = ("tessera-eager", "llamagen-eager", "tessera-compiled", "llamagen-compiled", "tessera-compiled-kv64")
 
 
 @dataclass
@@ -80,7 +81,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ----- the two sides ----------------------------------------------------------------------------
-def build_tessera(shape: Shape, args, compile: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+def build_tessera(shape: Shape, args, compile: bool, kv_bucket: int | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     from tessera.registry import build_model
     from tessera.samplers.autoregressive import AutoregressiveSampler
     from tessera.samplers.logits import SamplingConfig
@@ -92,10 +93,8 @@ def build_tessera(shape: Shape, args, compile: bool) -> tuple[Callable[[torch.Te
             raise RuntimeError("tessera's AutoregressiveSampler has no `compile=` argument yet (the CUDA-graph'd "
                                "decode step); the tessera-compiled row needs it")
         kwargs["compile"] = True
-    if args.kv_bucket is not None:
-        if "kv_bucket" not in params:
-            raise RuntimeError("--kv-bucket given but AutoregressiveSampler has no `kv_bucket=` argument")
-        kwargs["kv_bucket"] = args.kv_bucket
+    if kv_bucket is not None:
+        kwargs["kv_bucket"] = kv_bucket
     torch.manual_seed(args.seed)
     model = build_model("next_token", shape.tessera_preset, vocab_size=shape.vocab_size,
                         grid_size=shape.grid_size, num_classes=shape.num_classes)
@@ -107,7 +106,7 @@ def build_tessera(shape: Shape, args, compile: bool) -> tuple[Callable[[torch.Te
     return (lambda labels: sampler(model, labels)), info
 
 
-def build_llamagen(shape: Shape, args, compile: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+def build_llamagen(shape: Shape, args, compile: bool, kv_bucket: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     peer_shape = llamagen.LlamaGenShape(shape.llamagen_model, shape.vocab_size, shape.grid_size,
                                         shape.num_classes, shape.llamagen_args)
     sampler = llamagen.LlamaGenSampler(
@@ -152,12 +151,16 @@ def check_tokens(tokens: torch.Tensor, shape: Shape, batch: int) -> torch.Tensor
 
 
 def run_row(name: str, shape: Shape, args, log) -> dict[str, Any]:
-    side, mode = name.split("-")
+    side, mode, *variant = name.split("-")
     compile = mode == "compiled"
+    kv_bucket = int(variant[0][2:]) if variant else (args.kv_bucket if compile else None)
     device = torch.device(args.device)
     row: dict[str, Any] = {"row": name, "status": "ok"}
     t_build = time.perf_counter()
-    fn, info = (build_tessera if side == "tessera" else build_llamagen)(shape, args, compile)
+    if compile:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+    fn, info = (build_tessera if side == "tessera" else build_llamagen)(shape, args, compile, kv_bucket)
     row.update(info)
     row["build_s"] = time.perf_counter() - t_build
     gen = torch.Generator().manual_seed(args.seed)
@@ -177,6 +180,10 @@ def run_row(name: str, shape: Shape, args, log) -> dict[str, Any]:
             seconds, _ = timed_call(call, device)
             times.append(seconds)
     row["times_s"] = times
+    if compile:  # how many graphs were compiled, and whether CUDA graphs were skipped (and why)
+        counters = torch._dynamo.utils.counters
+        row["compile_counters"] = {group: dict(counters[group]) for group in ("stats", "inductor", "graph_break")
+                                   if counters[group]}
     row["median_s"] = statistics.median(times)
     row["img_per_s"] = args.batch / row["median_s"]
     log(f"  {name}: median {row['median_s']:.3f} s/batch = {row['img_per_s']:.1f} img/s "
@@ -253,7 +260,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per row (the first one compiles)")
     p.add_argument("--reps", type=int, default=5, help="timed calls per row; the median is reported")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--kv-bucket", type=int, default=None, help="tessera sampler's kv_bucket (default: its own)")
+    p.add_argument("--kv-bucket", type=int, default=0,
+                   help="kv_bucket of the tessera-compiled row (0: whole cache; the -kv64 row uses 64)")
     p.add_argument("--llamagen-dir", default=str(_REPO / llamagen.DEFAULT_DIR))
     p.add_argument("--llamagen-compile", choices=llamagen.COMPILE_MODES, default="model",
                    help="model: torch.compile(model, mode='reduce-overhead', fullgraph=True) as LlamaGen's "

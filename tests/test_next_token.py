@@ -110,6 +110,7 @@ def test_compiled_decode_step_matches_eager():
     settings = SamplingConfig(cfg=3.0, top_k=10, seed=3)
     labels = torch.tensor([0, 1])
     eager = AutoregressiveSampler(settings)(model, labels)
-    compiled_sampler = AutoregressiveSampler(settings, compile=True, kv_bucket=8)
-    assert torch.equal(compiled_sampler(model, labels), eager)
-    assert torch.equal(compiled_sampler(model, labels), eager)  # second call reuses the compiled step
+    for bucket in (8, 0):
+        compiled_sampler = AutoregressiveSampler(settings, compile=True, kv_bucket=bucket)
+        assert torch.equal(compiled_sampler(model, labels), eager)
+        assert torch.equal(compiled_sampler(model, labels), eager)  # second call reuses the compiled step

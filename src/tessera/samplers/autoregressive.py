@@ -21,13 +21,18 @@ class AutoregressiveSampler:
     `uncond + w * (cond - uncond)`. `on_unit(j, units_so_far)` is called after each unit.
 
     `compile=True` (CUDA) compiles one decode step (trunk step + guidance + filtering +
-    sampling) with CUDA-graph replay (`mode="reduce-overhead"`), attending only over a static
-    bucket of `kv_bucket` cache slots past the current position; the same function runs
-    eagerly otherwise, so compiled and eager sampling draw the same tokens up to numerics.
+    sampling) with CUDA-graph replay (`mode="reduce-overhead"`); the cache tensors are marked
+    as static addresses so the graph may update them in place. `kv_bucket=0` attends over the
+    whole static cache (one graph); `kv_bucket=b` attends over the first multiple of `b` slots
+    past the current position (less memory read per step, one graph per bucket). The same
+    function runs eagerly otherwise, so compiled and eager sampling draw the same tokens up to
+    numerics.
     """
 
     def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_unit: UnitCallback | None = None,
                  compile: bool = False, kv_bucket: int = 64):
+        if kv_bucket < 0:
+            raise ValueError(f"kv_bucket={kv_bucket} must be >= 0 (0: attend over the whole cache)")
         self.settings = settings
         self.schedule = GuidanceSchedule.from_config(settings)
         self.use_cache = use_cache
@@ -48,10 +53,10 @@ class AutoregressiveSampler:
         """One decode step bound to this model and cache (compiled once per model/cache)."""
         key = (id(model), id(cache), guided)
         if key not in self._compiled:
-            def step(unit, index, weight, noise, kv_len: int):
+            def step(unit, index, weight, noise, kv_len: int | None):
                 fed = unit.repeat(2, 1) if guided else unit
                 return self._sample(model.decode_step(fed, index, cache, kv_len), weight, noise, guided)
-            fn = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False) if self.compile else step
+            fn = _compile_step(step, cache) if self.compile else step
             self._compiled = {key: (cache, fn)}
         return self._compiled[key][1]
 
@@ -83,7 +88,8 @@ class AutoregressiveSampler:
             elif j == 0:
                 units[:, 0] = self._sample(model.prefill(prefix, cache), weights[0], noise, guided)
             else:
-                kv_len = min(cache.max_len, math.ceil((p + j) / self.kv_bucket) * self.kv_bucket)
+                kv_len = min(cache.max_len, math.ceil((p + j) / self.kv_bucket) * self.kv_bucket) \
+                    if self.kv_bucket else None
                 index = torch.full((1,), j - 1, device=device)
                 units[:, j] = step(units[:, j - 1], index, weights[j], noise, kv_len)
             if self.on_unit is not None:
@@ -96,3 +102,16 @@ class AutoregressiveSampler:
             if model_id == id(model) and cache.k.shape[1] == batch and cache.k.dtype == dtype:
                 return cache
         return model.new_cache(batch, dtype, device)
+
+
+def _compile_step(step: Callable[..., torch.Tensor], cache) -> Callable[..., torch.Tensor]:
+    """`step` compiled for CUDA-graph replay: the cache is a static address updated in place, each
+    call starts a new cudagraph step, and the output is cloned out of the graph's memory pool."""
+    torch._dynamo.mark_static_address(cache.k)
+    torch._dynamo.mark_static_address(cache.v)
+    compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+
+    def run(*args) -> torch.Tensor:
+        torch.compiler.cudagraph_mark_step_begin()
+        return compiled(*args).clone()
+    return run
