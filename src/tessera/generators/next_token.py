@@ -147,7 +147,7 @@ class NextTokenGenerator(AutoregressiveGenerator):
     def decode_step(self, unit: torch.Tensor, index: int | torch.Tensor, cache: KVCache,
                     kv_len: int | None = None) -> torch.Tensor:
         pos = torch.as_tensor(index, device=unit.device).reshape(1) + self.prefix_length
-        x = self._embed_units(unit[:, None]).to(cache.k.dtype)
+        x = self._embed_units(unit[:, None]).to(cache.dtype)
         h = self.trunk(x, self.rope_positions[pos], AttentionMask.causal(), cache=cache, positions=pos, kv_len=kv_len)
         return self._unit_logits(h)[:, 0]
 

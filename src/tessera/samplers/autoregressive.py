@@ -99,7 +99,7 @@ class AutoregressiveSampler:
     def _cache(self, model: AutoregressiveGenerator, batch: int, dtype: torch.dtype, device: torch.device):
         """Reuse the compiled step's cache for the same model/batch (stale slots are masked)."""
         for (model_id, _, _), (cache, _) in self._compiled.items():
-            if model_id == id(model) and cache.k.shape[1] == batch and cache.k.dtype == dtype:
+            if model_id == id(model) and cache.batch_size == batch and cache.dtype == dtype:
                 return cache
         return model.new_cache(batch, dtype, device)
 
@@ -107,8 +107,8 @@ class AutoregressiveSampler:
 def _compile_step(step: Callable[..., torch.Tensor], cache) -> Callable[..., torch.Tensor]:
     """`step` compiled for CUDA-graph replay: the cache is a static address updated in place, each
     call starts a new cudagraph step, and the output is cloned out of the graph's memory pool."""
-    torch._dynamo.mark_static_address(cache.k)
-    torch._dynamo.mark_static_address(cache.v)
+    for buffer in cache.buffers():
+        torch._dynamo.mark_static_address(buffer)
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
 
     def run(*args) -> torch.Tensor:
