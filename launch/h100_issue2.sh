@@ -48,11 +48,14 @@ for stage in "$@"; do
       grid next_token_fashion32 ;;
     emoji)
       [ -d data/emoji ] || { echo "skip emoji: data/emoji was not carried"; continue; }
-      train 120 configs/vq_emoji64.yaml
+      train 100 configs/vq_emoji64.yaml
       recon vq_emoji64 data/emoji  # no held-out split: all 7,161 emoji are training images
-      train 180 configs/next_token_emoji64.yaml
+      train 150 configs/next_token_emoji64.yaml
       grid next_token_emoji64 --top-k 200 --prompt "red apple" --prompt "smiling face with sunglasses" \
-        --prompt "dog face" --prompt "pizza" ;;
+        --prompt "dog face" --prompt "pizza"
+      tessera sample --ckpt runs/next_token_emoji64 --n 32 --cfg 1.5 --top-k 200 --seed 0 --prompt "red apple" \
+        --prompt "smiling face with sunglasses" --prompt "dog face" --prompt "pizza" \
+        --out runs/next_token_emoji64/grid_cfg1.5.png ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done 2>&1 | tee -a "$log"
