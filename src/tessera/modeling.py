@@ -83,10 +83,14 @@ class TesseraModel(nn.Module):
             self.write_into(tmp, ema_state=ema_state, extra=extra)
         return path
 
+    def checkpoint_config(self) -> dict[str, Any]:
+        """The config as written to `config.json` (subclasses drop build-time-only fields)."""
+        return self.config.to_dict()
+
     def write_into(self, folder: Path, ema_state: dict[str, torch.Tensor] | None = None,
                    extra: dict[str, Any] | None = None) -> None:
         """Write the checkpoint files into an existing (temporary) folder."""
-        config = self.config.to_dict()
+        config = self.checkpoint_config()
         for field in self.asset_fields:
             source = config.get(field)
             if source:

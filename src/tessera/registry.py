@@ -12,6 +12,7 @@ if TYPE_CHECKING:
 # kind -> "module:Class"; imported lazily so `tessera --help` stays fast.
 MODEL_CLASSES: dict[str, str] = {
     "vq": "tessera.tokenizers.vq:VQTokenizer",
+    "multiscale_vq": "tessera.tokenizers.multiscale:MultiScaleVQ",
     "next_token": "tessera.generators.next_token:NextTokenGenerator",
 }
 

@@ -85,7 +85,7 @@ class Quantizer(nn.Module):
             z = self.prepare(z)
             b, d, h, w = z.shape
             z_flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-            restarts = self._restart_dead(z_flat.detach()) if self.training else z.new_zeros(())
+            restarts = self.restart_dead(z_flat.detach()) if self.training else z.new_zeros(())
             indices = self.nearest(z_flat.detach())
             z_q = self.embed(indices.view(b, h, w))
             codebook_loss = F.mse_loss(z_q, z.detach())
@@ -94,7 +94,7 @@ class Quantizer(nn.Module):
             if self.training:
                 if _distributed():
                     dist.all_reduce(counts)
-                self._update_usage(counts)
+                self.update_usage(counts)
             probs = counts / counts.sum().clamp_min(1)
             perplexity = torch.exp(-(probs * torch.log(probs.clamp_min(1e-10))).sum())
             return QuantizerOutput(
@@ -103,12 +103,12 @@ class Quantizer(nn.Module):
                 restarts=restarts)
 
     @torch.no_grad()
-    def _update_usage(self, counts: torch.Tensor) -> None:
+    def update_usage(self, counts: torch.Tensor) -> None:
         share = counts * (self.codebook_size / counts.sum().clamp_min(1))
         self.usage.mul_(self.usage_decay).add_(share, alpha=1 - self.usage_decay)
 
     @torch.no_grad()
-    def _restart_dead(self, z_flat: torch.Tensor) -> torch.Tensor:
+    def restart_dead(self, z_flat: torch.Tensor) -> torch.Tensor:
         """Re-initialise codes with usage below the threshold from random rows of `z_flat`."""
         if self.dead_threshold <= 0:
             return z_flat.new_zeros(())
