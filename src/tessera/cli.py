@@ -47,7 +47,7 @@ def _sample(args: argparse.Namespace) -> None:
         raise ConfigError(f"--n={args.n} must be at least 1")
     values = args.prompt or args.class_
     out = generate_to_file(args.ckpt, values, args.n, settings, args.out, use_ema=not args.no_ema,
-                           device=args.device, batch_size=args.batch_size)
+                           device=args.device, batch_size=args.batch_size, save_scales=args.save_scales)
     print(f"wrote {out}")
 
 
@@ -81,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--save-scales", default=None, metavar="PNG",
+                   help="next-scale models: also write the coarse-to-fine strip (a row per sample, a column per scale)")
     add_config_flags(p, SamplingConfig)
     p.set_defaults(func=_sample)
 

@@ -6,10 +6,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import CheckpointError
-from .generators.base import AutoregressiveGenerator, Generator
+from .config import ConfigError
+from .generators.base import AutoregressiveGenerator, Generator, ScaleWiseGenerator
 from .images import save_grid
 from .modeling import TesseraModel
-from .samplers.autoregressive import AutoregressiveSampler
+from .samplers.autoregressive import AutoregressiveSampler, ScaleWiseSampler
 from .samplers.logits import SamplingConfig
 
 
@@ -26,6 +27,8 @@ def sampler_for(model: Generator, settings: SamplingConfig):
     """The sampler that drives this kind of generator."""
     if isinstance(model, AutoregressiveGenerator):
         return AutoregressiveSampler(settings)
+    if isinstance(model, ScaleWiseGenerator):
+        return ScaleWiseSampler(settings)
     raise CheckpointError(f"no sampler for generator kind '{model.kind}'")
 
 
@@ -44,7 +47,23 @@ def generate(model: Generator, values: list[str] | None, n: int, settings: Sampl
     return torch.cat(chunks)
 
 
+@torch.no_grad()
+def coarse_to_fine(model: ScaleWiseGenerator, values: list[str] | None, n: int, settings: SamplingConfig) -> torch.Tensor:
+    """(n * K, 3, H, W): for each of n samples, the decoded running reconstruction after every scale."""
+    steps: list[torch.Tensor] = []
+    sampler = ScaleWiseSampler(settings, on_scale=lambda k, f_hat: steps.append(model.tokenizer.decode_latent(f_hat)))
+    model.sample(model.parse_condition(values, n), sampler)
+    return torch.stack(steps, 1).flatten(0, 1).float().cpu()
+
+
 def generate_to_file(ckpt: str | Path, values: list[str] | None, n: int, settings: SamplingConfig, out: str | Path,
-                     use_ema: bool = True, device: str | None = None, batch_size: int = 64) -> Path:
+                     use_ema: bool = True, device: str | None = None, batch_size: int = 64,
+                     save_scales: str | Path | None = None) -> Path:
+    """Write a grid of n samples to `out`; with `save_scales`, also a coarse-to-fine strip (one row
+    per sample, up to 8, one column per scale) of a next-scale model."""
     model = load_generator(ckpt, use_ema=use_ema, device=device)
+    if save_scales is not None:
+        if not isinstance(model, ScaleWiseGenerator):
+            raise ConfigError(f"--save-scales needs a next-scale model; {ckpt} holds a '{model.kind}' model")
+        save_grid(coarse_to_fine(model, values, min(n, 8), settings), save_scales, nrow=len(model.scales))
     return save_grid(generate(model, values, n, settings, batch_size), out)

@@ -12,6 +12,7 @@ import torch
 
 from ..modeling import TesseraModel
 from ..nn.cache import KVCache
+from .conditioning import condition_size
 
 Condition = Any  # LongTensor of class ids, list of prompt strings, or an int batch size (unconditional)
 
@@ -35,6 +36,14 @@ class Generator(TesseraModel):
     def parse_condition(self, values: list[str] | None, n: int) -> Condition:
         """Turn user strings (prompts or class names/indices) into a batch condition of size n."""
         raise NotImplementedError
+
+    def batch_condition(self, batch: dict[str, Any]) -> Condition:
+        """The condition of a training batch, by `config.cond`: class ids, captions or the batch size."""
+        if self.config.cond == "class":
+            return batch["class"]
+        if self.config.cond == "text":
+            return batch["text"]
+        return condition_size(batch["tokens"] if "tokens" in batch else batch["image"])
 
 
 class AutoregressiveGenerator(Generator):
@@ -72,3 +81,47 @@ class AutoregressiveGenerator(Generator):
         """
         raise NotImplementedError
 
+
+
+class ScaleWiseGenerator(Generator):
+    """A generator producing one token map per scale, coarse to fine (next-scale / VAR).
+
+    Sequence layout: scale k occupies slots [starts[k], starts[k] + sizes[k]); the inputs of
+    scale k come from the running reconstruction of scales < k (`scale_tokens`).
+    """
+
+    scales: list[int]
+    sizes: list[int]
+    vocab_size: int
+    has_condition: bool
+    tokenizer: Any  # has add_scale(f_hat, codes_k, k) and decode_latent(f_hat)
+
+    def condition_vector(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
+        """(B, dim) pooled condition; rows where `drop` is True get the null condition."""
+        raise NotImplementedError
+
+    def scale_tokens(self, cond_vec: torch.Tensor, f_hat: torch.Tensor | None, k: int) -> torch.Tensor:
+        """(B', pn_k^2, dim) inputs of scale k (f_hat rows repeated to the condition's batch B')."""
+        raise NotImplementedError
+
+    def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
+        raise NotImplementedError
+
+    def logits_upto(self, x: torch.Tensor, cond_vec: torch.Tensor) -> torch.Tensor:
+        """Uncached: inputs of scales 0..k concatenated -> logits for all of them."""
+        raise NotImplementedError
+
+    def scale_logits(self, x: torch.Tensor, k: int, cond_vec: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached: logits (B', pn_k^2, V) of scale k, its keys/values written to `cache`."""
+        raise NotImplementedError
+
+
+def load_frozen_tokenizer(path: str, tokenizer_class: type[TesseraModel], owner_kind: str) -> TesseraModel:
+    """Load the tokenizer a generator is built on, frozen and in eval mode; a tokenizer of another
+    kind gives one line naming both."""
+    from ..checkpoint import CheckpointError, read_header, resolve_checkpoint
+    kind = read_header(resolve_checkpoint(path))["kind"]
+    if kind != tokenizer_class.kind:
+        raise CheckpointError(f"a {owner_kind} generator needs a '{tokenizer_class.kind}' tokenizer, "
+                              f"but {path} holds a '{kind}' model")
+    return tokenizer_class.from_pretrained(path).requires_grad_(False).eval()

@@ -1,10 +1,38 @@
 """Condition embeddings as prefix tokens: class labels or captions, each with a learned null."""
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import Literal
+
 import torch
 from torch import nn
 
-from ..config import ConfigError
+from ..config import Config, ConfigError, check_range
+
+
+@dataclass
+class ConditionedConfig(Config):
+    """The condition fields every generator config shares (class, caption or none; CFG dropout)."""
+
+    cond: Literal["class", "text", "none"] = "class"
+    num_classes: int = 10
+    class_names: list[str] = field(default_factory=list)
+    text_tokenizer: str = ""  # tokenizer.json of the caption tokenizer (cond=text)
+    text_len: int = 16
+    cond_drop: float = 0.1  # condition dropout for classifier-free guidance
+    label_smoothing: float = 0.0
+
+    def validate(self) -> None:
+        check_range("cond_drop", self.cond_drop, 0.0, 1.0)
+        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
+        check_range("num_classes", self.num_classes, 1)
+        if self.cond == "text" and not self.text_tokenizer:
+            raise ConfigError("cond=text needs text_tokenizer (a tokenizer.json trained on the captions)")
+
+    def make_prefix(self, dim: int) -> nn.Module:
+        """The condition module these fields describe."""
+        return build_prefix(self.cond, dim, num_classes=self.num_classes, class_names=self.class_names,
+                            text_tokenizer=self.text_tokenizer, text_len=self.text_len)
 
 
 class ClassPrefix(nn.Module):
@@ -78,6 +106,17 @@ class NullPrefix(nn.Module):
         if values:
             raise ConfigError("this model is unconditional; it takes no prompt or class")
         return n
+
+
+def build_prefix(cond: str, dim: int, *, num_classes: int = 0, class_names: list[str] | None = None,
+                 text_tokenizer: str = "", text_len: int = 16) -> nn.Module:
+    """The condition module for `cond` in ("class", "text", "none")."""
+    if cond == "class":
+        return ClassPrefix(num_classes, dim, list(class_names or []))
+    if cond == "text":
+        from ..tokenizers.text import TextTokenizer
+        return TextPrefix(TextTokenizer.load(text_tokenizer), text_len, dim)
+    return NullPrefix(dim)
 
 
 def condition_size(cond) -> int:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,15 +11,14 @@ from ..config import ConfigError, check_range
 from ..nn.cache import KVCache
 from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
-from ..config import Config
-from .base import AutoregressiveGenerator, Condition
-from .conditioning import ClassPrefix, NullPrefix, TextPrefix, condition_size
+from .base import AutoregressiveGenerator, Condition, load_frozen_tokenizer
+from .conditioning import ConditionedConfig
 from .heads import TokenHead, token_cross_entropy
 from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
 
 
 @dataclass
-class NextTokenConfig(Config):
+class NextTokenConfig(ConditionedConfig):
     """Next-token generator over a VQ tokenizer's token grid."""
 
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
@@ -27,23 +26,12 @@ class NextTokenConfig(Config):
     image_size: int = 32
     vocab_size: int = 0  # 0: taken from the tokenizer
     grid_size: int = 0  # token grid side; 0: taken from the tokenizer
-    cond: Literal["class", "text", "none"] = "class"
-    num_classes: int = 10
-    class_names: list[str] = field(default_factory=list)
-    text_tokenizer: str = ""  # tokenizer.json of the caption tokenizer (cond=text)
-    text_len: int = 16
-    cond_drop: float = 0.1  # condition dropout for classifier-free guidance
     token_shuffle: int = 1  # window s: s*s tokens merged per trunk position
-    label_smoothing: float = 0.0
     z_loss: float = 0.0
 
     def validate(self) -> None:
-        check_range("cond_drop", self.cond_drop, 0.0, 1.0)
+        super().validate()
         check_range("token_shuffle", self.token_shuffle, 1, 8)
-        check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
-        check_range("num_classes", self.num_classes, 1)
-        if self.cond == "text" and not self.text_tokenizer:
-            raise ConfigError("cond=text needs text_tokenizer (a tokenizer.json trained on the captions)")
         if not self.tokenizer and (self.vocab_size <= 0 or self.grid_size <= 0):
             raise ConfigError("without a tokenizer, set vocab_size and grid_size explicitly")
         if self.grid_size and self.grid_size % self.token_shuffle:
@@ -73,7 +61,7 @@ class NextTokenGenerator(AutoregressiveGenerator):
         super().__init__(config)
         if config.tokenizer:
             from ..tokenizers.vq import VQTokenizer
-            self.tokenizer = VQTokenizer.from_pretrained(config.tokenizer).requires_grad_(False).eval()
+            self.tokenizer = load_frozen_tokenizer(config.tokenizer, VQTokenizer, self.kind)
             vocab, (grid, _) = self.tokenizer.vocab_size, self.tokenizer.token_grid(config.image_size)
             for name, given, actual in (("vocab_size", config.vocab_size, vocab), ("grid_size", config.grid_size, grid)):
                 if given and given != actual:
@@ -86,7 +74,7 @@ class NextTokenGenerator(AutoregressiveGenerator):
         self.unit_size = s * s
         self.n_units = (config.grid_size // s) ** 2
         self.has_condition = config.cond != "none"
-        self.prefix = self._build_prefix(config, dim)
+        self.prefix = config.make_prefix(dim)
         self.token_embedding = nn.Embedding(config.vocab_size, dim)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         self.shuffle = TokenShuffle(dim, s) if s > 1 else None
@@ -101,15 +89,6 @@ class NextTokenGenerator(AutoregressiveGenerator):
         rope = torch.cat([torch.zeros(self.prefix.length, 2), unit_rope])
         self.register_buffer("rope_positions", rope, persistent=False)
 
-    @staticmethod
-    def _build_prefix(config: NextTokenConfig, dim: int) -> nn.Module:
-        if config.cond == "class":
-            return ClassPrefix(config.num_classes, dim, config.class_names)
-        if config.cond == "text":
-            from ..tokenizers.text import TextTokenizer
-            return TextPrefix(TextTokenizer.load(config.text_tokenizer), config.text_len, dim)
-        return NullPrefix(dim)
-
     # ----- embedding / head ----------------------------------------------------------------------
     def _embed_units(self, units: torch.Tensor) -> torch.Tensor:
         emb = self.token_embedding(units)  # (B, n, s^2, dim)
@@ -118,6 +97,10 @@ class NextTokenGenerator(AutoregressiveGenerator):
     def _unit_logits(self, h: torch.Tensor) -> torch.Tensor:
         feats = h[:, :, None] if self.shuffle is None else self.shuffle.unshuffle(h)
         return self.head(feats)  # (B, n, s^2, V)
+
+    @property
+    def tokens_per_sample(self) -> int:
+        return self.n_units * self.unit_size
 
     # ----- protocol used by samplers ----------------------------------------------------------------
     @property
@@ -164,13 +147,6 @@ class NextTokenGenerator(AutoregressiveGenerator):
         if tokens.shape[1:] != (self.grid, self.grid):
             raise ConfigError(f"token grid {tuple(tokens.shape[1:])} does not match the model's {self.grid}x{self.grid}")
         return tokens_to_units(tokens, self.s)
-
-    def batch_condition(self, batch: dict[str, Any]) -> Condition:
-        if self.config.cond == "class":
-            return batch["class"]
-        if self.config.cond == "text":
-            return batch["text"]
-        return condition_size(batch["tokens"] if "tokens" in batch else batch["image"])
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         units = self.units_from_batch(batch)

@@ -1,4 +1,5 @@
-"""KV-cached (and uncached reference) left-to-right sampling for autoregressive generators."""
+"""KV-cached (and uncached reference) sampling loops: next-token (unit by unit) and next-scale
+(scale by scale)."""
 from __future__ import annotations
 
 import math
@@ -6,11 +7,31 @@ from typing import Callable
 
 import torch
 
-from ..generators.base import AutoregressiveGenerator, Condition
+from ..generators.base import AutoregressiveGenerator, Condition, ScaleWiseGenerator
 from ..generators.conditioning import condition_size
 from .logits import GuidanceSchedule, SamplingConfig, exponential_noise, guided_logits, sample_from_logits
 
 UnitCallback = Callable[[int, torch.Tensor], None]
+
+
+def draw(logits: torch.Tensor, weight: torch.Tensor | float, noise: torch.Tensor, guided: bool,
+         settings: SamplingConfig) -> torch.Tensor:
+    """Token ids from logits: CFG over a doubled batch (conditional rows first) when `guided`,
+    then temperature, top-k, top-p and sampling with the given exponential noise."""
+    logits = logits.float()
+    if guided:
+        cond_logits, uncond_logits = logits.chunk(2)
+        logits = guided_logits(cond_logits, uncond_logits, weight)
+    return sample_from_logits(logits, temperature=settings.temperature, top_k=settings.top_k,
+                              top_p=settings.top_p, noise=noise)
+
+
+def doubled_condition(model, cond: Condition, guided: bool, embed: Callable) -> torch.Tensor:
+    """`embed(cond, drop)` for the batch, with the null-condition copy appended when `guided`."""
+    device = next(model.parameters()).device
+    keep = torch.zeros(condition_size(cond), dtype=torch.bool, device=device)
+    out = embed(cond, keep)
+    return torch.cat([out, embed(cond, ~keep)]) if guided else out
 
 
 class AutoregressiveSampler:
@@ -42,12 +63,7 @@ class AutoregressiveSampler:
         self._compiled: dict[tuple, tuple] = {}
 
     def _sample(self, logits: torch.Tensor, weight: torch.Tensor, noise: torch.Tensor, guided: bool) -> torch.Tensor:
-        logits = logits.float()
-        if guided:
-            cond_logits, uncond_logits = logits.chunk(2)
-            logits = guided_logits(cond_logits, uncond_logits, weight)
-        s = self.settings
-        return sample_from_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, noise=noise)
+        return draw(logits, weight, noise, guided, self.settings)
 
     def _step_function(self, model: AutoregressiveGenerator, cache, guided: bool):
         """One decode step bound to this model and cache (compiled once per model/cache)."""
@@ -67,10 +83,7 @@ class AutoregressiveSampler:
         n = model.n_units
         weights = [self.schedule.weight(j / max(n - 1, 1)) for j in range(n)]
         guided = model.has_condition and any(w != 1.0 for w in weights)
-        keep = torch.zeros(batch, dtype=torch.bool, device=device)
-        prefix = model.prefix_embeddings(cond, keep)
-        if guided:
-            prefix = torch.cat([prefix, model.prefix_embeddings(cond, ~keep)])
+        prefix = doubled_condition(model, cond, guided, model.prefix_embeddings)
         dtype = next(model.trunk.parameters()).dtype
         prefix = prefix.to(dtype)
         generator = torch.Generator(device).manual_seed(self.settings.seed)
@@ -115,3 +128,49 @@ def _compile_step(step: Callable[..., torch.Tensor], cache) -> Callable[..., tor
         torch.compiler.cudagraph_mark_step_begin()
         return compiled(*args).clone()
     return run
+
+
+ScaleCallback = Callable[[int, torch.Tensor], None]
+
+
+class ScaleWiseSampler:
+    """Next-scale sampling: all tokens of a scale at once, coarse to fine, with a KV cache.
+
+    CFG weight of scale k is `schedule.weight(k / (K - 1))` (VAR: cfg_schedule=linear, rising
+    from 1 to `cfg`). `on_scale(k, f_hat)` receives the running latent after each scale (decode
+    it with the tokenizer for the coarse-to-fine picture). Returns (B, sum pn^2) code ids.
+    `use_cache=False` recomputes every coarser scale each step (the reference path).
+    """
+
+    def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_scale: ScaleCallback | None = None):
+        self.settings = settings
+        self.schedule = GuidanceSchedule.from_config(settings)
+        self.use_cache = use_cache
+        self.on_scale = on_scale
+
+    @torch.no_grad()
+    def __call__(self, model: ScaleWiseGenerator, cond: Condition) -> torch.Tensor:
+        device = next(model.parameters()).device
+        batch, n = condition_size(cond), len(model.scales)
+        weights = [self.schedule.weight(k / max(n - 1, 1)) for k in range(n)]
+        guided = model.has_condition and any(w != 1.0 for w in weights)
+        cond_vec = doubled_condition(model, cond, guided, model.condition_vector)
+        dtype = next(model.trunk.parameters()).dtype
+        cond_vec = cond_vec.to(dtype)
+        cache = model.new_cache(cond_vec.shape[0], dtype, device) if self.use_cache else None
+        generator = torch.Generator(device).manual_seed(self.settings.seed)
+        f_hat, inputs, codes = None, [], []
+        for k, pn in enumerate(model.scales):
+            x = model.scale_tokens(cond_vec, f_hat, k).to(dtype)
+            if cache is not None:
+                logits = model.scale_logits(x, k, cond_vec, cache)
+            else:
+                inputs.append(x)
+                logits = model.logits_upto(torch.cat(inputs, 1), cond_vec)[:, -pn * pn:]
+            noise = exponential_noise((batch, pn * pn, model.vocab_size), generator, device)
+            codes_k = draw(logits, weights[k], noise, guided, self.settings)
+            codes.append(codes_k)
+            f_hat = model.tokenizer.add_scale(f_hat, codes_k.view(batch, pn, pn), k)
+            if self.on_scale is not None:
+                self.on_scale(k, f_hat)
+        return torch.cat(codes, 1)

@@ -6,10 +6,10 @@ from typing import Any
 
 import torch
 
-from ..generators.base import AutoregressiveGenerator
+from ..generators.base import Generator
 from ..images import save_grid
 from ..modeling import TesseraModel
-from ..samplers.autoregressive import AutoregressiveSampler
+from ..sample import sampler_for
 from ..samplers.logits import SamplingConfig
 
 
@@ -19,10 +19,10 @@ def write_preview(model: TesseraModel, batch: dict[str, Any], path: Path, n: int
     was_training = model.training
     model.eval()
     try:
-        if isinstance(model, AutoregressiveGenerator):
+        if isinstance(model, Generator):
             cond = model.batch_condition({k: v[:n] for k, v in batch.items()})
             settings = SamplingConfig(cfg=3.0 if model.has_condition else 1.0, top_k=0, seed=0)
-            images = model.sample(cond, AutoregressiveSampler(settings))
+            images = model.sample(cond, sampler_for(model, settings))
         else:
             originals = batch["image"][:n // 2 if n > 1 else 1]
             images = torch.stack([originals, model.decode(model.encode(originals))], 1).flatten(0, 1)

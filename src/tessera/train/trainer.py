@@ -125,7 +125,7 @@ def _count(model: TesseraModel) -> int:
 def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress):
     t = recipe.train
     data = iter(loader)
-    tokens_per_sample = getattr(raw_model, "n_units", 0) * getattr(raw_model, "unit_size", 0)
+    tokens_per_sample = getattr(raw_model, "tokens_per_sample", 0)
     sums: dict[str, float] = {}
     count, seen, window_start = 0, 0, time.perf_counter()
     metrics: dict[str, Any] = {}
