@@ -15,6 +15,7 @@ MODEL_CLASSES: dict[str, str] = {
     "multiscale_vq": "tessera.tokenizers.multiscale:MultiScaleVQ",
     "next_token": "tessera.generators.next_token:NextTokenGenerator",
     "next_scale": "tessera.generators.next_scale:NextScaleGenerator",
+    "flow_ar": "tessera.generators.flow_ar:FlowARGenerator",
 }
 
 

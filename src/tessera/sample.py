@@ -11,6 +11,7 @@ from .generators.base import AutoregressiveGenerator, Generator, ScaleWiseGenera
 from .images import save_grid
 from .modeling import TesseraModel
 from .samplers.autoregressive import AutoregressiveSampler, ScaleWiseSampler
+from .samplers.flow import FlowScaleSampler
 from .samplers.logits import SamplingConfig
 
 
@@ -23,12 +24,14 @@ def load_generator(ckpt: str | Path, use_ema: bool = True, device: str | None = 
     return model.eval()
 
 
-def sampler_for(model: Generator, settings: SamplingConfig):
-    """The sampler that drives this kind of generator."""
+def sampler_for(model: Generator, settings: SamplingConfig, on_scale=None):
+    """The sampler that drives this kind of generator (`on_scale`: scale-wise models' hook)."""
     if isinstance(model, AutoregressiveGenerator):
         return AutoregressiveSampler(settings)
-    if isinstance(model, ScaleWiseGenerator):
-        return ScaleWiseSampler(settings)
+    if model.kind == "next_scale":
+        return ScaleWiseSampler(settings, on_scale=on_scale)
+    if model.kind == "flow_ar":
+        return FlowScaleSampler(settings, on_scale=on_scale)
     raise CheckpointError(f"no sampler for generator kind '{model.kind}'")
 
 
@@ -51,7 +54,7 @@ def generate(model: Generator, values: list[str] | None, n: int, settings: Sampl
 def coarse_to_fine(model: ScaleWiseGenerator, values: list[str] | None, n: int, settings: SamplingConfig) -> torch.Tensor:
     """(n * K, 3, H, W): for each of n samples, the decoded running reconstruction after every scale."""
     steps: list[torch.Tensor] = []
-    sampler = ScaleWiseSampler(settings, on_scale=lambda k, f_hat: steps.append(model.tokenizer.decode_latent(f_hat)))
+    sampler = sampler_for(model, settings, on_scale=lambda k, state: steps.append(model.preview(state)))
     model.sample(model.parse_condition(values, n), sampler)
     return torch.stack(steps, 1).flatten(0, 1).float().cpu()
 

@@ -84,35 +84,42 @@ class AutoregressiveGenerator(Generator):
 
 
 class ScaleWiseGenerator(Generator):
-    """A generator producing one token map per scale, coarse to fine (next-scale / VAR).
+    """A generator producing one map per scale, coarse to fine (VAR's tokens, FlowAR's latents).
 
-    Sequence layout: scale k occupies slots [starts[k], starts[k] + sizes[k]); the inputs of
-    scale k come from the running reconstruction of scales < k (`scale_tokens`).
+    Sequence layout: scale k occupies slots [starts[k], starts[k] + sizes[k]). A sampler keeps a
+    `state` (what scales so far have built: f_hat, or the last latent map), asks for the inputs
+    of the next scale, runs the trunk one scale at a time and feeds the new units back.
     """
 
     scales: list[int]
     sizes: list[int]
-    vocab_size: int
     has_condition: bool
-    tokenizer: Any  # has add_scale(f_hat, codes_k, k) and decode_latent(f_hat)
 
     def condition_vector(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
         """(B, dim) pooled condition; rows where `drop` is True get the null condition."""
         raise NotImplementedError
 
-    def scale_tokens(self, cond_vec: torch.Tensor, f_hat: torch.Tensor | None, k: int) -> torch.Tensor:
-        """(B', pn_k^2, dim) inputs of scale k (f_hat rows repeated to the condition's batch B')."""
+    def scale_tokens(self, cond_vec: torch.Tensor, state: torch.Tensor | None, k: int) -> torch.Tensor:
+        """(B', pn_k^2, dim) inputs of scale k (state rows repeated to the condition's batch B')."""
         raise NotImplementedError
 
     def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         raise NotImplementedError
 
-    def logits_upto(self, x: torch.Tensor, cond_vec: torch.Tensor) -> torch.Tensor:
-        """Uncached: inputs of scales 0..k concatenated -> logits for all of them."""
+    def outputs_upto(self, x: torch.Tensor, cond_vec: torch.Tensor) -> torch.Tensor:
+        """Uncached: inputs of scales 0..k concatenated -> per-position outputs for all of them."""
         raise NotImplementedError
 
-    def scale_logits(self, x: torch.Tensor, k: int, cond_vec: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Cached: logits (B', pn_k^2, V) of scale k, its keys/values written to `cache`."""
+    def scale_outputs(self, x: torch.Tensor, k: int, cond_vec: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached: per-position outputs (B', pn_k^2, ...) of scale k (logits, or head conditions)."""
+        raise NotImplementedError
+
+    def add_scale(self, state: torch.Tensor | None, units: torch.Tensor, k: int) -> torch.Tensor:
+        """The state after scale k's units (B, pn_k^2, ...) (state None before scale 0)."""
+        raise NotImplementedError
+
+    def preview(self, state: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) of the current state: the coarse-to-fine picture."""
         raise NotImplementedError
 
 

@@ -131,14 +131,48 @@ def _compile_step(step: Callable[..., torch.Tensor], cache) -> Callable[..., tor
 
 
 ScaleCallback = Callable[[int, torch.Tensor], None]
+ScaleEmitter = Callable[[torch.Tensor, int, float, bool, torch.Generator], torch.Tensor]
+
+
+def run_scales(model: ScaleWiseGenerator, cond: Condition, schedule: GuidanceSchedule, emit: ScaleEmitter,
+               use_cache: bool = True, on_scale: ScaleCallback | None = None, seed: int = 0) -> list[torch.Tensor]:
+    """The coarse-to-fine loop shared by next-scale samplers; returns the units of every scale.
+
+    For each scale k: build its inputs from the state, run the trunk (with the KV cache, or
+    uncached over all scales so far), turn the outputs into units with
+    `emit(outputs, k, weight, guided, generator)` and fold them into the state. The CFG weight of
+    scale k is `schedule.weight(k / (K - 1))`; when any weight differs from 1 the condition runs
+    as a doubled batch (conditional rows first). `on_scale(k, state)` sees each new state.
+    """
+    device = next(model.parameters()).device
+    n = len(model.scales)
+    weights = [schedule.weight(k / max(n - 1, 1)) for k in range(n)]
+    guided = model.has_condition and any(w != 1.0 for w in weights)
+    dtype = next(model.trunk.parameters()).dtype
+    cond_vec = doubled_condition(model, cond, guided, model.condition_vector).to(dtype)
+    cache = model.new_cache(cond_vec.shape[0], dtype, device) if use_cache else None
+    generator = torch.Generator(device).manual_seed(seed)
+    state, inputs, units = None, [], []
+    for k, size in enumerate(model.sizes):
+        x = model.scale_tokens(cond_vec, state, k).to(dtype)
+        if cache is not None:
+            outputs = model.scale_outputs(x, k, cond_vec, cache)
+        else:
+            inputs.append(x)
+            outputs = model.outputs_upto(torch.cat(inputs, 1), cond_vec)[:, -size:]
+        units.append(emit(outputs, k, weights[k], guided, generator))
+        state = model.add_scale(state, units[-1], k)
+        if on_scale is not None:
+            on_scale(k, state)
+    return units
 
 
 class ScaleWiseSampler:
-    """Next-scale sampling: all tokens of a scale at once, coarse to fine, with a KV cache.
+    """Next-scale (VAR) sampling: all tokens of a scale at once, coarse to fine, with a KV cache.
 
     CFG weight of scale k is `schedule.weight(k / (K - 1))` (VAR: cfg_schedule=linear, rising
-    from 1 to `cfg`). `on_scale(k, f_hat)` receives the running latent after each scale (decode
-    it with the tokenizer for the coarse-to-fine picture). Returns (B, sum pn^2) code ids.
+    from 1 to `cfg`), then temperature, top-k and top-p. `on_scale(k, f_hat)` receives the
+    running latent after each scale (`model.preview` decodes it). Returns (B, sum pn^2) code ids.
     `use_cache=False` recomputes every coarser scale each step (the reference path).
     """
 
@@ -150,27 +184,11 @@ class ScaleWiseSampler:
 
     @torch.no_grad()
     def __call__(self, model: ScaleWiseGenerator, cond: Condition) -> torch.Tensor:
-        device = next(model.parameters()).device
-        batch, n = condition_size(cond), len(model.scales)
-        weights = [self.schedule.weight(k / max(n - 1, 1)) for k in range(n)]
-        guided = model.has_condition and any(w != 1.0 for w in weights)
-        cond_vec = doubled_condition(model, cond, guided, model.condition_vector)
-        dtype = next(model.trunk.parameters()).dtype
-        cond_vec = cond_vec.to(dtype)
-        cache = model.new_cache(cond_vec.shape[0], dtype, device) if self.use_cache else None
-        generator = torch.Generator(device).manual_seed(self.settings.seed)
-        f_hat, inputs, codes = None, [], []
-        for k, pn in enumerate(model.scales):
-            x = model.scale_tokens(cond_vec, f_hat, k).to(dtype)
-            if cache is not None:
-                logits = model.scale_logits(x, k, cond_vec, cache)
-            else:
-                inputs.append(x)
-                logits = model.logits_upto(torch.cat(inputs, 1), cond_vec)[:, -pn * pn:]
-            noise = exponential_noise((batch, pn * pn, model.vocab_size), generator, device)
-            codes_k = draw(logits, weights[k], noise, guided, self.settings)
-            codes.append(codes_k)
-            f_hat = model.tokenizer.add_scale(f_hat, codes_k.view(batch, pn, pn), k)
-            if self.on_scale is not None:
-                self.on_scale(k, f_hat)
-        return torch.cat(codes, 1)
+        batch = condition_size(cond)
+
+        def emit(logits: torch.Tensor, k: int, weight: float, guided: bool, generator: torch.Generator):
+            noise = exponential_noise((batch, logits.shape[1], logits.shape[2]), generator, logits.device)
+            return draw(logits, weight, noise, guided, self.settings)
+
+        units = run_scales(model, cond, self.schedule, emit, self.use_cache, self.on_scale, self.settings.seed)
+        return torch.cat(units, 1)

@@ -13,7 +13,10 @@ from typing import Callable, Literal, get_args
 import torch
 
 from ..config import Config, ConfigError, check_range
+from ..generators.conditioning import condition_size
+from .autoregressive import run_scales
 from .guidance import GuidanceSchedule, guided_logits
+from .logits import SamplingConfig
 
 __all__ = ["FlowSamplingConfig", "FlowSampler", "time_grid", "sway_warp", "euler_step", "heun_step", "integrate",
            "plain_field", "guided_field", "as_guidance"]
@@ -150,3 +153,38 @@ class FlowSampler:
         field = guided_field(velocity, as_guidance(cfg)) if self.is_guided(cfg) else plain_field(velocity)
         x = integrate(field, self.settings.temperature * x0.float(), self.times, self.settings.solver)
         return x.to(x0.dtype)
+
+
+class FlowScaleSampler:
+    """FlowAR sampling: scale by scale (KV-cached trunk), each scale's latent vectors generated from
+    noise by the flow head with `flow` (steps, solver, time grid, temperature).
+
+    The CFG weight of scale k follows `settings`' schedule over scales (FlowAR ramps it linearly:
+    cfg_schedule=linear) and is constant along the flow; `settings.seed` seeds the noise.
+    Returns the final (B, C, H, W) latent; `on_scale(k, latent_k)` sees every scale's map.
+    """
+
+    def __init__(self, settings: SamplingConfig, flow: FlowSamplingConfig | None = None, use_cache: bool = True,
+                 on_scale=None):
+        self.settings = settings
+        self.schedule = GuidanceSchedule.from_config(settings)
+        self.flow = FlowSampler(flow or FlowSamplingConfig())
+        self.use_cache = use_cache
+        self.on_scale = on_scale
+
+    @torch.no_grad()
+    def __call__(self, model, cond) -> torch.Tensor:
+        batch = condition_size(cond)
+
+        def emit(hidden: torch.Tensor, k: int, weight: float, guided: bool, generator: torch.Generator):
+            noise = torch.randn((batch, hidden.shape[1], model.latent_channels), generator=generator,
+                                device=hidden.device)
+            if not (guided and weight != 1.0):
+                hidden, weight = hidden[:batch], 1.0
+
+            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                return model.head(x.to(hidden.dtype), t.to(hidden.dtype), hidden)
+            return self.flow(velocity, noise, cfg=weight)
+
+        units = run_scales(model, cond, self.schedule, emit, self.use_cache, self.on_scale, self.settings.seed)
+        return model.add_scale(None, units[-1], len(units) - 1)
