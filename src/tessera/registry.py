@@ -13,6 +13,7 @@ if TYPE_CHECKING:
 MODEL_CLASSES: dict[str, str] = {
     "vq": "tessera.tokenizers.vq:VQTokenizer",
     "multiscale_vq": "tessera.tokenizers.multiscale:MultiScaleVQ",
+    "kl": "tessera.tokenizers.continuous:KLAutoencoder",
     "next_token": "tessera.generators.next_token:NextTokenGenerator",
     "next_scale": "tessera.generators.next_scale:NextScaleGenerator",
     "flow_ar": "tessera.generators.flow_ar:FlowARGenerator",
