@@ -105,6 +105,8 @@ def test_trainer_and_sample_cli_end_to_end(tmp_path):
     assert metrics["step"] == 2 and "flow_s0" in metrics
     grid, strip = tmp_path / "grid.png", tmp_path / "strip.png"
     code = main(["sample", "--ckpt", str(tmp_path / "flowar"), "--prompt", "a blue square", "--n", "2", "--cfg", "2",
-                 "--out", str(grid), "--save-scales", str(strip)])
+                 "--flow-steps", "3", "--flow-solver", "heun", "--out", str(grid), "--save-scales", str(strip)])
     assert code == 0 and grid.is_file()
     assert Image.open(strip).size[0] == 5 * 32 + 6 * 2
+    assert main(["sample", "--ckpt", str(tmp_path / "flowar"), "--prompt", "x", "--flow-steps", "0",
+                 "--out", str(grid)]) == 2

@@ -11,20 +11,22 @@ from .checkpoint import CheckpointError
 from .config import Config, ConfigError
 
 
-def add_config_flags(parser: argparse.ArgumentParser, config_class: type[Config]) -> None:
-    """One `--field-name` flag per field of a flat config dataclass (its defaults shown in help)."""
+def add_config_flags(parser: argparse.ArgumentParser, config_class: type[Config], prefix: str = "") -> None:
+    """One `--{prefix}field-name` flag per field of a flat config dataclass (its defaults shown in help)."""
     hints = typing.get_type_hints(config_class)
     for f in dataclasses.fields(config_class):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        parser.add_argument(f"--{f.name.replace('_', '-')}", dest=f"cfg_{f.name}", default=None, metavar=f.name.upper(),
+        parser.add_argument(f"--{prefix}{f.name.replace('_', '-')}", dest=f"cfg_{prefix.replace('-', '_')}{f.name}", default=None,
+                            metavar=f.name.upper(),
                             help=f"{hints[f.name].__name__ if hasattr(hints[f.name], '__name__') else hints[f.name]} "
                                  f"(default {default})")
 
 
-def config_from_flags(args: argparse.Namespace, config_class: type[Config]) -> Config:
+def config_from_flags(args: argparse.Namespace, config_class: type[Config], prefix: str = "") -> Config:
     """Build the config from the flags that were given (strings are parsed by the config)."""
-    given = {f.name: getattr(args, f"cfg_{f.name}") for f in dataclasses.fields(config_class)
-             if getattr(args, f"cfg_{f.name}") is not None}
+    dest = f"cfg_{prefix.replace('-', '_')}"
+    given = {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(config_class)
+             if getattr(args, dest + f.name) is not None}
     return config_class.from_dict(given)
 
 
@@ -41,13 +43,15 @@ def _train(args: argparse.Namespace) -> None:
 
 def _sample(args: argparse.Namespace) -> None:
     from .sample import generate_to_file
+    from .samplers.flow import FlowSamplingConfig
     from .samplers.logits import SamplingConfig
     settings = config_from_flags(args, SamplingConfig)
+    flow = config_from_flags(args, FlowSamplingConfig, "flow-")
     if args.n < 1:
         raise ConfigError(f"--n={args.n} must be at least 1")
     values = args.prompt or args.class_
     out = generate_to_file(args.ckpt, values, args.n, settings, args.out, use_ema=not args.no_ema,
-                           device=args.device, batch_size=args.batch_size, save_scales=args.save_scales)
+                           device=args.device, batch_size=args.batch_size, save_scales=args.save_scales, flow=flow)
     print(f"wrote {out}")
 
 
@@ -60,6 +64,7 @@ def _quickstart(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .data.commands import register as register_data
     from .eval.commands import register as register_eval
+    from .samplers.flow import FlowSamplingConfig
     from .samplers.logits import SamplingConfig
     parser = argparse.ArgumentParser(prog="tessera", description="Autoregressive and masked generation on one trunk.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -84,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-scales", default=None, metavar="PNG",
                    help="next-scale models: also write the coarse-to-fine strip (a row per sample, a column per scale)")
     add_config_flags(p, SamplingConfig)
+    add_config_flags(p, FlowSamplingConfig, "flow-")
     p.set_defaults(func=_sample)
 
     register_eval(sub)
