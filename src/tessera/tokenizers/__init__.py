@@ -1,5 +1,7 @@
 """Tokenizers: signal <-> units. Each is trainable and loadable on its own.
 
 `vq` holds the image VQ tokenizer (conv encoder/decoder, l2-normalised codebook, optional
-patch-GAN); `text` holds the caption tokenizer in the HF `tokenizers` JSON format.
+patch-GAN); `multiscale` VAR's residual multi-scale quantiser over the same VQ; `continuous`
+the KL autoencoder (diffusers AutoencoderKL) for flow heads; `text` the caption tokenizer in
+the HF `tokenizers` JSON format.
 """
