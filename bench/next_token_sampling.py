@@ -29,8 +29,6 @@ from __future__ import annotations
 import argparse
 import gc
 import inspect
-import json
-import platform
 import statistics
 import sys
 import time
@@ -48,6 +46,7 @@ for _p in (_REPO / "src", _BENCH):
 import torch  # noqa: E402
 
 from peers import llamagen  # noqa: E402
+from timing import environment, timed_call, write_json  # noqa: E402
 
 ROWS = ("tessera-eager", "tessera-compiled", "tessera-compiled-kv64", "llamagen-eager", "llamagen-compiled")
 # Run order: both eager rows first, then the compiled rows (compilation state never leaks
@@ -118,27 +117,6 @@ def build_llamagen(shape: Shape, args, compile: bool, kv_bucket: int | None = No
     return sampler, info
 
 
-# ----- timing -----------------------------------------------------------------------------------
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    """Seconds for one call: CUDA events on GPU (synchronized before and after), perf_counter on CPU."""
-    _sync(device)
-    if device.type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize(device)
-        return start.elapsed_time(end) / 1e3, out
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
-
-
 def check_tokens(tokens: torch.Tensor, shape: Shape, batch: int) -> torch.Tensor:
     flat = tokens.reshape(tokens.shape[0], -1)
     n = shape.grid_size ** 2
@@ -192,14 +170,6 @@ def run_row(name: str, shape: Shape, args, log) -> dict[str, Any]:
 
 
 # ----- output -----------------------------------------------------------------------------------
-def environment(args) -> dict[str, Any]:
-    env = {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-           "device": args.device}
-    if torch.device(args.device).type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
-    return env
-
-
 def markdown(result: dict[str, Any]) -> str:
     cfg = result["config"]
     rows = {r["row"]: r for r in result["rows"]}
@@ -238,13 +208,6 @@ def markdown(result: dict[str, Any]) -> str:
                      f"({100 * t['first_token_match_eager']:.1f}% of first tokens; later tokens diverge once a "
                      "sample differs, and bf16 kernels differ)")
     return "\n".join(lines)
-
-
-def write_json(path: str | None, result: dict[str, Any]) -> None:
-    if not path:
-        return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(result, indent=2) + "\n")
 
 
 # ----- main -------------------------------------------------------------------------------------
@@ -303,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "num_classes": shape.num_classes, "warmup": args.warmup, "reps": args.reps, "seed": args.seed,
                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "llamagen_compile": args.llamagen_compile,
                    "kv_bucket": args.kv_bucket, "timing": "cuda events" if torch.device(args.device).type == "cuda" else "perf_counter"},
-        "env": environment(args),
+        "env": environment(args.device),
         "reference_img_per_s": shape.reference,
         "rows": [],
     }

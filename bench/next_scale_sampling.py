@@ -1,0 +1,126 @@
+"""Next-scale (VAR) vs raster next-token sampling on the same trunk and the same final token grid.
+
+Class-conditional, random weights, decoder included on both sides (images out). Shape `d16`:
+VAR-d16's trunk (16 layers, width 1024, 16 heads), vocab 4096, final grid 16x16 at 256px
+(scales 1,2,3,4,5,6,8,10,13,16 = 680 tokens for next-scale, 256 for next-token); CFG as a
+doubled batch (linear ramp for next-scale as VAR, constant for next-token), top-k 900, top-p
+0.96. Rows: next-token compiled (CUDA-graph'd decode step) and next-scale eager (KV cache,
+scale by scale), at `--batch` (throughput) and at batch 1 (latency). `tiny` is the CPU smoke shape.
+
+GPU (from the repo root; about 3-5 minutes):
+
+    source .whl/setup.sh; python3 bench/next_scale_sampling.py --shape d16 --json $OUT/next_scale_bench.json
+
+CPU smoke:  .venv/bin/python bench/next_scale_sampling.py --device cpu --shape tiny --reps 1
+
+The VAR paper reports next-scale about 20x faster than its AR baseline. The side-by-side with
+FoundationVision/VAR's own `autoregressive_infer_cfg` is not in this script yet.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_BENCH = Path(__file__).resolve().parent
+for _p in (_BENCH.parent / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from timing import environment, measure, write_json  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+@dataclass
+class Shape:
+    trunk: dict[str, int]
+    image_size: int
+    scales: list[int]
+    vocab: int
+    tokenizer_preset: str
+    multiscale_preset: str
+    tokenizer_overrides: dict[str, Any]
+    batch: int
+
+
+SHAPES = {
+    "d16": Shape({"dim": 1024, "n_layers": 16, "n_heads": 16}, 256, [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 4096,
+                 "vq16", "var16", {"codebook_size": 4096, "code_dim": 32}, 64),
+    "tiny": Shape({"dim": 64, "n_layers": 2, "n_heads": 4}, 32, [1, 2, 4, 8], 256, "tiny", "tiny", {}, 2),
+}
+
+
+def build_models(shape: Shape, folder: Path, device: str, dtype: torch.dtype) -> dict[str, Any]:
+    """Random-weight tokenizers (saved to `folder`) and the two generators on the same trunk."""
+    from tessera.registry import build_model
+    torch.manual_seed(0)
+    build_model("vq", shape.tokenizer_preset, image_size=shape.image_size,
+                **shape.tokenizer_overrides).save_pretrained(folder / "vq")
+    build_model("multiscale_vq", shape.multiscale_preset, image_size=shape.image_size, scales=shape.scales,
+                **shape.tokenizer_overrides).save_pretrained(folder / "msvq")
+    common = {"trunk": shape.trunk, "cond": "class", "num_classes": 1000}
+    token = build_model("next_token", None, tokenizer=str(folder / "vq"), image_size=shape.image_size, **common)
+    scale = build_model("next_scale", None, tokenizer=str(folder / "msvq"), **common)
+    return {name: m.to(device, dtype).eval() for name, m in (("next_token", token), ("next_scale", scale))}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from tessera.samplers.autoregressive import AutoregressiveSampler, ScaleWiseSampler
+    from tessera.samplers.logits import SamplingConfig
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--batch", type=int, default=None)
+    p.add_argument("--cfg", type=float, default=2.5, help="standard w (at the last scale for next-scale)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    cuda = torch.device(args.device).type == "cuda"
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    batch = args.batch or shape.batch
+    device = torch.device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_models(shape, Path(tmp), args.device, dtype)
+    filters = {"top_k": min(900, shape.vocab), "top_p": 0.96, "seed": 0}
+    samplers = {
+        "next_token-compiled": (models["next_token"], AutoregressiveSampler(
+            SamplingConfig(cfg=args.cfg, **filters), compile=cuda)),
+        "next_scale-eager": (models["next_scale"], ScaleWiseSampler(
+            SamplingConfig(cfg=args.cfg, cfg_schedule="linear", **filters))),
+    }
+    rows = []
+    for name, (model, sampler) in samplers.items():
+        for b in (batch, 1):
+            labels = torch.arange(b, device=device) % 1000
+            with torch.no_grad():
+                stats = measure(lambda: model.sample(labels, sampler), device, args.warmup, args.reps)
+            images = stats.pop("output")
+            assert images.shape[0] == b and torch.isfinite(images.float()).all()
+            rows.append({"row": name, "batch": b, "img_per_s": b / stats["median_s"],
+                         "ms_per_image": 1e3 * stats["median_s"] / b, "tokens": getattr(model, "tokens_per_sample"),
+                         "compiled": name.endswith("compiled") and cuda,
+                         "params": sum(p.numel() for p in model.parameters() if p.requires_grad), **stats})
+            print(f"{name} batch {b}: {rows[-1]['img_per_s']:.1f} img/s, {rows[-1]['ms_per_image']:.1f} ms/img "
+                  f"(first call {stats['first_call_s']:.1f} s)", flush=True)
+    by = {(r["row"], r["batch"]): r for r in rows}
+    ratio = by[("next_scale-eager", batch)]["img_per_s"] / by[("next_token-compiled", batch)]["img_per_s"]
+    result = {"benchmark": "next_scale_sampling", "shape": args.shape, "batch": batch, "dtype": str(dtype),
+              "cfg": args.cfg, "env": environment(args.device), "rows": rows,
+              "next_scale_over_next_token": ratio}
+    print(f"next-scale / next-token throughput at batch {batch}: {ratio:.2f}x")
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
