@@ -4,8 +4,10 @@ Class-conditional, random weights, decoder included on both sides (images out). 
 VAR-d16's trunk (16 layers, width 1024, 16 heads), vocab 4096, final grid 16x16 at 256px
 (scales 1,2,3,4,5,6,8,10,13,16 = 680 tokens for next-scale, 256 for next-token); CFG as a
 doubled batch (linear ramp for next-scale as VAR, constant for next-token), top-k 900, top-p
-0.96. Rows: next-token compiled (CUDA-graph'd decode step) and next-scale eager (KV cache,
-scale by scale), at `--batch` (throughput) and at batch 1 (latency). `tiny` is the CPU smoke shape.
+0.96. Rows: next-token compiled (CUDA-graph'd decode step), next-scale eager (KV cache, scale
+by scale) and FoundationVision/VAR's own `autoregressive_infer_cfg` at the same shape (its
+files carried in `.peers/VAR`, see bench/peers/var.py; `--no-var` skips it), each at `--batch`
+(throughput) and at batch 1 (latency). `tiny` is the CPU smoke shape.
 
 GPU (from the repo root; about 3-5 minutes):
 
@@ -13,8 +15,9 @@ GPU (from the repo root; about 3-5 minutes):
 
 CPU smoke:  .venv/bin/python bench/next_scale_sampling.py --device cpu --shape tiny --reps 1
 
-The VAR paper reports next-scale about 20x faster than its AR baseline. The side-by-side with
-FoundationVision/VAR's own `autoregressive_infer_cfg` is not in this script yet.
+The VAR paper reports next-scale about 20x faster than its AR baseline. Reference, measured
+once on an H100: VAR-d16 124 img/s at batch 64, about 129 ms per image at batch 1. Goals: next-scale
+>= 1.5x VAR at batch 64, <= 40 ms at batch 1.
 """
 from __future__ import annotations
 
@@ -47,12 +50,15 @@ class Shape:
     multiscale_preset: str
     tokenizer_overrides: dict[str, Any]
     batch: int
+    var_depth: int
+    var_ch: int
 
 
 SHAPES = {
     "d16": Shape({"dim": 1024, "n_layers": 16, "n_heads": 16}, 256, [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], 4096,
-                 "vq16", "var16", {"codebook_size": 4096, "code_dim": 32}, 64),
-    "tiny": Shape({"dim": 64, "n_layers": 2, "n_heads": 4}, 32, [1, 2, 4, 8], 256, "tiny", "tiny", {}, 2),
+                 "vq16", "var16", {"codebook_size": 4096, "code_dim": 32}, 64, 16, 160),
+    # VAR's VQVAE always downsamples 16x, so its tiny twin makes 64px images from the 4x4 grid.
+    "tiny": Shape({"dim": 64, "n_layers": 2, "n_heads": 4}, 32, [1, 2, 4, 8], 256, "tiny", "tiny", {}, 2, 1, 32),
 }
 
 
@@ -83,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument("--no-var", action="store_true", help="skip the FoundationVision/VAR row")
+    p.add_argument("--var-dir", default=str(_BENCH.parent / ".peers" / "VAR"))
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     cuda = torch.device(args.device).type == "cuda"
@@ -98,16 +106,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "next_scale-eager": (models["next_scale"], ScaleWiseSampler(
             SamplingConfig(cfg=args.cfg, cfg_schedule="linear", **filters))),
     }
+    calls = {name: (lambda labels, m=model, s=sampler: m.sample(labels, s), model)
+             for name, (model, sampler) in samplers.items()}
+    if not args.no_var:
+        from peers.var import VARSampler
+        var = VARSampler(depth=shape.var_depth, patch_nums=tuple(shape.scales), vocab_size=shape.vocab,
+                         num_classes=1000, ch=shape.var_ch, device=args.device, dtype=dtype, cfg=args.cfg - 1.0,
+                         top_k=filters["top_k"], top_p=filters["top_p"], var_dir=args.var_dir)
+        calls["var-eager"] = (var, var.var)
     rows = []
-    for name, (model, sampler) in samplers.items():
+    for name, (call, model) in calls.items():
         for b in (batch, 1):
             labels = torch.arange(b, device=device) % 1000
             with torch.no_grad():
-                stats = measure(lambda: model.sample(labels, sampler), device, args.warmup, args.reps)
+                stats = measure(lambda: call(labels), device, args.warmup, args.reps)
             images = stats.pop("output")
             assert images.shape[0] == b and torch.isfinite(images.float()).all()
             rows.append({"row": name, "batch": b, "img_per_s": b / stats["median_s"],
-                         "ms_per_image": 1e3 * stats["median_s"] / b, "tokens": getattr(model, "tokens_per_sample"),
+                         "ms_per_image": 1e3 * stats["median_s"] / b,
+                         "tokens": getattr(model, "tokens_per_sample", getattr(model, "L", None)),
                          "compiled": name.endswith("compiled") and cuda,
                          "params": sum(p.numel() for p in model.parameters() if p.requires_grad), **stats})
             print(f"{name} batch {b}: {rows[-1]['img_per_s']:.1f} img/s, {rows[-1]['ms_per_image']:.1f} ms/img "
@@ -118,6 +135,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
               "cfg": args.cfg, "env": environment(args.device), "rows": rows,
               "next_scale_over_next_token": ratio}
     print(f"next-scale / next-token throughput at batch {batch}: {ratio:.2f}x")
+    if ("var-eager", batch) in by:
+        result["next_scale_over_var"] = by[("next_scale-eager", batch)]["img_per_s"] / by[("var-eager", batch)]["img_per_s"]
+        print(f"next-scale / VAR throughput at batch {batch}: {result['next_scale_over_var']:.2f}x")
     write_json(args.json, result)
     return result
 
