@@ -87,3 +87,19 @@ def test_init_from_a_checkpoint_of_another_kind_fails(tmp_path):
     tiny().save_pretrained(tmp_path / "ms")
     with pytest.raises(CheckpointError, match="holds a 'multiscale_vq' model; a 'vq' tokenizer is needed"):
         tiny(init_from=str(tmp_path / "ms"))
+
+
+def test_eval_tokenizer_covers_multiscale_and_kl(tmp_path):
+    from tessera.data.shapes import write_shapes_dataset
+    from tessera.eval.reconstruction import evaluate_tokenizer
+
+    write_shapes_dataset(tmp_path / "shapes", n=8, resolution=32, seed=0)
+    tiny().save_pretrained(tmp_path / "ms")
+    build_model("kl", "tiny", image_size=32).save_pretrained(tmp_path / "kl")
+    ms = evaluate_tokenizer(tmp_path / "ms", tmp_path / "shapes", n=8, batch_size=4)
+    assert ms["images"] == 8 and 0 < ms["codes_used"] <= 8 * 85 and ms["psnr_db"] > 0
+    kl = evaluate_tokenizer(tmp_path / "kl", tmp_path / "shapes", n=8, batch_size=4)
+    assert set(kl) == {"images", "psnr_db"} and kl["psnr_db"] > 0
+    build_model("next_scale", "tiny", tokenizer=str(tmp_path / "ms")).save_pretrained(tmp_path / "var")
+    with pytest.raises(CheckpointError, match="not an image tokenizer"):
+        evaluate_tokenizer(tmp_path / "var", tmp_path / "shapes", n=2)
