@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The GPU evidence runs for issue 2; stages run in the order given, e.g. `bash launch/h100_issue2.sh shapes fashion`:
+# The GPU evidence runs; stages run in the order given, e.g. `bash launch/gpu_evidence.sh shapes fashion`:
 #   shapes  - 50k shapes scenes at 64px (+2k held out), VQ, text-conditional next-token, and Token-Shuffle s=2
 #   fashion - Fashion-MNIST train/test (raw .gz files carried in .gpu/fashion), VQ + class-conditional
 #   emoji   - emoji shards carried in data/emoji (made here with `tessera data emoji`), VQ + text-conditional
+#   var     - shapes 64px: multi-scale residual VQ + VAR next-scale, grid and coarse-to-fine strip (issue 3)
+#   flowar  - shapes 64px: KL autoencoder + FlowAR, grid and coarse-to-fine strip (issue 3)
 # Each training run is time-boxed (seconds, below): at its limit it gets SIGTERM, finishes the step and
 # writes a checkpoint, so the sampling that follows still works. Overrides for every run: TRAIN_ARGS="k=v ...".
-# Results (metrics, preview grids, sample grids, logs) are packed into $OUT/issue2.tar.gz, also when cut short.
+# Results (metrics, preview grids, sample grids, logs) are packed into $OUT/evidence.tar.gz, also when cut short.
 set -euo pipefail
 if command -v nvidia-smi >/dev/null && [ -f .whl/setup.sh ]; then source .whl/setup.sh; fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 tessera() { python3 -m tessera.cli "$@"; }
 out=${OUT:-out}; mkdir -p "$out" runs
-log=$out/issue2.log
+log=$out/evidence.log
 trap 'exit 143' TERM  # so that a `timeout` around this script still packs the results
-trap 'tar czf "$out/issue2.tar.gz" --exclude="*.safetensors" --exclude="train_state.pt" runs "$log" 2>/dev/null || true' EXIT
+trap 'tar czf "$out/evidence.tar.gz" --exclude="*.safetensors" --exclude="train_state.pt" runs "$log" 2>/dev/null || true' EXIT
 # train SECONDS CONFIG: time-boxed training, progress-bar lines filtered out of the log
 train() {
   local budget=$1 config=$2 start=$SECONDS
@@ -23,21 +25,35 @@ train() {
   echo "=== $config: $((SECONDS - start)) s"
 }
 recon() { tessera eval tokenizer --ckpt "runs/$1" --shards "$2" --n "${3:-2000}" --out "runs/$1/recon_eval.json" 2>&1 | tail -1; }
+shapes_data() {
+  [ -d data/shapes64 ] || tessera data shapes --n 50000 --res 64 --out data/shapes64 2>&1 | tail -1
+  [ -d data/shapes64_val ] || tessera data shapes --n 2000 --res 64 --seed 1 --out data/shapes64_val 2>&1 | tail -1
+}
+SHAPE_PROMPTS=(--prompt "two red circles" --prompt "a blue square" --prompt "a red circle left of a blue square"
+               --prompt "three yellow stars")
 grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
   case $stage in
     shapes)
-      tessera data shapes --n 50000 --res 64 --out data/shapes64 2>&1 | tail -1
-      tessera data shapes --n 2000 --res 64 --seed 1 --out data/shapes64_val 2>&1 | tail -1
+      shapes_data
       train 110 configs/vq_shapes64.yaml
       recon vq_shapes64 data/shapes64_val
       train 220 configs/next_token_shapes64.yaml
       train 150 configs/next_token_shapes64_shuffle2.yaml
-      for run in next_token_shapes64 next_token_shapes64_shuffle2; do
-        grid $run --top-k 100 --prompt "two red circles" --prompt "a blue square" \
-          --prompt "a red circle left of a blue square" --prompt "three yellow stars"
-      done ;;
+      for run in next_token_shapes64 next_token_shapes64_shuffle2; do grid $run --top-k 100 "${SHAPE_PROMPTS[@]}"; done ;;
+    var)
+      shapes_data
+      train 120 configs/msvq_shapes64.yaml
+      recon msvq_shapes64 data/shapes64_val
+      train 240 configs/var_shapes64.yaml
+      grid var_shapes64 --top-k 100 --cfg-schedule linear "${SHAPE_PROMPTS[@]}" --save-scales runs/var_shapes64/strip.png ;;
+    flowar)
+      shapes_data
+      train 120 configs/kl_shapes64.yaml
+      recon kl_shapes64 data/shapes64_val
+      train 240 configs/flowar_shapes64.yaml
+      grid flowar_shapes64 --cfg-schedule linear "${SHAPE_PROMPTS[@]}" --save-scales runs/flowar_shapes64/strip.png ;;
     fashion)
       [ -f .gpu/fashion/train-images-idx3-ubyte.gz ] || { echo "skip fashion: .gpu/fashion was not carried"; continue; }
       tessera data fashion-mnist --out data/fashion --split train --root .gpu/fashion 2>&1 | tail -1
