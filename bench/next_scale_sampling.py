@@ -5,11 +5,14 @@ VAR-d16's trunk (16 layers, width 1024, 16 heads), vocab 4096, final grid 16x16 
 (scales 1,2,3,4,5,6,8,10,13,16 = 680 tokens for next-scale, 256 for next-token); CFG as a
 doubled batch (linear ramp for next-scale as VAR, constant for next-token), top-k 900, top-p
 0.96. Rows: next-token compiled (CUDA-graph'd decode step), next-scale eager (KV cache, scale
-by scale) and FoundationVision/VAR's own `autoregressive_infer_cfg` at the same shape (its
-files carried in `.peers/VAR`, see bench/peers/var.py; `--no-var` skips it), each at `--batch`
-(throughput) and at batch 1 (latency). `tiny` is the CPU smoke shape.
+by scale), next-scale compiled (each scale's step CUDA-graph'd, one graph per scale) and
+FoundationVision/VAR's own `autoregressive_infer_cfg` at the same shape (its files carried in
+`.peers/VAR`, see bench/peers/var.py; `--no-var` skips it), each at `--batch` (throughput) and at
+batch 1 (latency). Then training throughput (tokens/s) of both generators at the same size:
+fp32 weights, bf16 autocast, fused AdamW, batch `--train-batch`, from token ids (the tokenizer
+encode is left out on both sides). `tiny` is the CPU smoke shape.
 
-GPU (from the repo root; about 3-5 minutes):
+GPU (from the repo root; about 5-8 minutes):
 
     source .whl/setup.sh; python3 bench/next_scale_sampling.py --shape d16 --json $OUT/next_scale_bench.json
 
@@ -76,6 +79,41 @@ def build_models(shape: Shape, folder: Path, device: str, dtype: torch.dtype) ->
     return {name: m.to(device, dtype).eval() for name, m in (("next_token", token), ("next_scale", scale))}
 
 
+def training_rows(shape: Shape, batch: int, device: torch.device, warmup: int, reps: int) -> list[dict[str, Any]]:
+    """Tokens/s of one optimizer step (forward, backward, fused AdamW) of each generator."""
+    rows = []
+    cuda = device.type == "cuda"
+    with tempfile.TemporaryDirectory() as tmp:
+        models = build_models(shape, Path(tmp), str(device), torch.float32)
+    side = shape.scales[-1]
+    for name, model in models.items():
+        model.train()
+        tokens = (torch.randint(0, shape.vocab, (batch, side, side), device=device) if name == "next_token"
+                  else torch.randint(0, shape.vocab, (batch, model.tokens_per_sample), device=device))
+        data = {"tokens": tokens, "class": torch.arange(batch, device=device) % 1000}
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
+
+        def step() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss, _ = model(data)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.detach()
+        stats = measure(step, device, warmup, reps)
+        assert torch.isfinite(stats.pop("output"))
+        rows.append({"row": f"{name}-train", "batch": batch, "tokens": model.tokens_per_sample,
+                     "tokens_per_s": batch * model.tokens_per_sample / stats["median_s"],
+                     "samples_per_s": batch / stats["median_s"], **stats})
+        print(f"{name} training batch {batch}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
+              f"{rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
+        del model, optimizer, params
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from tessera.samplers.autoregressive import AutoregressiveSampler, ScaleWiseSampler
     from tessera.samplers.logits import SamplingConfig
@@ -91,6 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--json", default=None)
     p.add_argument("--no-var", action="store_true", help="skip the FoundationVision/VAR row")
     p.add_argument("--var-dir", default=str(_BENCH.parent / ".peers" / "VAR"))
+    p.add_argument("--train-batch", type=int, default=None, help="training rows' batch (default: 32; tiny: 2)")
+    p.add_argument("--no-train", action="store_true", help="skip the training rows")
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     cuda = torch.device(args.device).type == "cuda"
@@ -106,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "next_scale-eager": (models["next_scale"], ScaleWiseSampler(
             SamplingConfig(cfg=args.cfg, cfg_schedule="linear", **filters))),
     }
+    if cuda:
+        samplers["next_scale-compiled"] = (models["next_scale"], ScaleWiseSampler(
+            SamplingConfig(cfg=args.cfg, cfg_schedule="linear", **filters), compile=True))
     calls = {name: (lambda labels, m=model, s=sampler: m.sample(labels, s), model)
              for name, (model, sampler) in samplers.items()}
     if not args.no_var:
@@ -129,15 +172,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "params": sum(p.numel() for p in model.parameters() if p.requires_grad), **stats})
             print(f"{name} batch {b}: {rows[-1]['img_per_s']:.1f} img/s, {rows[-1]['ms_per_image']:.1f} ms/img "
                   f"(first call {stats['first_call_s']:.1f} s)", flush=True)
+    del models, samplers, calls
     by = {(r["row"], r["batch"]): r for r in rows}
-    ratio = by[("next_scale-eager", batch)]["img_per_s"] / by[("next_token-compiled", batch)]["img_per_s"]
+    best = "next_scale-compiled" if ("next_scale-compiled", batch) in by else "next_scale-eager"
+    ratio = by[(best, batch)]["img_per_s"] / by[("next_token-compiled", batch)]["img_per_s"]
     result = {"benchmark": "next_scale_sampling", "shape": args.shape, "batch": batch, "dtype": str(dtype),
               "cfg": args.cfg, "env": environment(args.device), "rows": rows,
-              "next_scale_over_next_token": ratio}
-    print(f"next-scale / next-token throughput at batch {batch}: {ratio:.2f}x")
+              "next_scale_row": best, "next_scale_over_next_token": ratio}
+    print(f"{best} / next-token throughput at batch {batch}: {ratio:.2f}x")
     if ("var-eager", batch) in by:
-        result["next_scale_over_var"] = by[("next_scale-eager", batch)]["img_per_s"] / by[("var-eager", batch)]["img_per_s"]
-        print(f"next-scale / VAR throughput at batch {batch}: {result['next_scale_over_var']:.2f}x")
+        result["next_scale_over_var"] = by[(best, batch)]["img_per_s"] / by[("var-eager", batch)]["img_per_s"]
+        print(f"{best} / VAR throughput at batch {batch}: {result['next_scale_over_var']:.2f}x")
+    write_json(args.json, result)  # the sampling rows survive a failure in the training rows
+    if not args.no_train:
+        train_batch = args.train_batch or (32 if args.shape == "d16" else 2)
+        result["training"] = training_rows(shape, train_batch, device, args.warmup, args.reps)
     write_json(args.json, result)
     return result
 

@@ -62,6 +62,19 @@ def test_cached_sampling_equals_uncached(tokenizer_dir, cfg, schedule):
     assert model.sample(labels, ScaleWiseSampler(settings)).shape == (3, 3, 32, 32)
 
 
+def test_compiled_scale_steps_match_eager(tokenizer_dir):
+    """The torch.compile'd per-scale step (one specialisation per scale) draws what eager sampling draws."""
+    model = tiny(tokenizer_dir)
+    settings = SamplingConfig(cfg=3.0, cfg_schedule="linear", top_k=20, top_p=0.9, seed=2)
+    labels = torch.tensor([1, 0])
+    eager = ScaleWiseSampler(settings)(model, labels)
+    compiled = ScaleWiseSampler(settings, compile=True)
+    assert torch.equal(compiled(model, labels), eager)
+    assert torch.equal(compiled(model, labels), eager)  # second call reuses the cache and the compiled steps
+    with pytest.raises(ValueError, match="needs use_cache"):
+        ScaleWiseSampler(settings, use_cache=False, compile=True)
+
+
 def test_loss_trains_and_logs_each_scale(tokenizer_dir):
     model = tiny(tokenizer_dir, scale_loss_weights=[1.0, 1.0, 1.0, 2.0]).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

@@ -14,6 +14,7 @@ MODEL_CLASSES: dict[str, str] = {
     "vq": "tessera.tokenizers.vq:VQTokenizer",
     "multiscale_vq": "tessera.tokenizers.multiscale:MultiScaleVQ",
     "kl": "tessera.tokenizers.continuous:KLAutoencoder",
+    "audio_codec": "tessera.tokenizers.audio:AudioCodec",
     "next_token": "tessera.generators.next_token:NextTokenGenerator",
     "next_scale": "tessera.generators.next_scale:NextScaleGenerator",
     "flow_ar": "tessera.generators.flow_ar:FlowARGenerator",

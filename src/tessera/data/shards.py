@@ -1,10 +1,11 @@
 """WebDataset shards: a dataset folder written atomically, and read without crashing on bad data.
 
 A dataset folder holds `<prefix>-000000.tar`, `<prefix>-000001.tar`, ... (samples `KEY.png`,
-`KEY.txt`, `KEY.json` and, for class-conditional data, `KEY.cls`, the layout
-`webdataset.ShardWriter` writes) and `dataset.json` (source, licence, count, resolution, class
-names). The folder is built under a temporary name and renamed into place when complete.
-Readers skip, count and warn about undecodable samples and truncated shards.
+`KEY.txt`, `KEY.json` and, for class-conditional data, `KEY.cls`; audio datasets hold `KEY.flac`
+instead of `KEY.png`; the layout `webdataset.ShardWriter` writes) and `dataset.json` (source,
+licence, count, resolution or sample rate, class names). The folder is built under a temporary
+name and renamed into place when complete. Readers skip, count and warn about undecodable
+samples and truncated shards.
 """
 from __future__ import annotations
 
@@ -45,6 +46,7 @@ class DatasetInfo:
     resolution: int
     class_names: list[str] | None = None
     description: str = ""
+    sample_rate: int = 0  # audio datasets: Hz of every clip (0 for images)
 
 
 def to_rgb(image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
@@ -100,16 +102,20 @@ class DatasetWriter:
 
     def write(self, key: str, image: Image.Image, text: str, meta: dict[str, Any], cls: int | None = None) -> None:
         """Add one sample (its image is stored as PNG in the mode it has)."""
+        fields = {"png": encode_png(image), "txt": text.encode("utf-8"),
+                  "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
+        if cls is not None:
+            fields["cls"] = str(int(cls)).encode("ascii")
+        self.write_record(key, fields)
+
+    def write_record(self, key: str, fields: dict[str, bytes]) -> None:
+        """Add one sample of already-encoded members, `{extension: bytes}` (stored as `KEY.extension`)."""
         if not key or "." in key or "/" in key:
             raise ValueError(f"sample key {key!r} must be non-empty without '.' or '/'")
         if self._tar is None or self.count % self.per_shard == 0:
             self._tar = self._next_shard()
-        sample = {"__key__": key, "png": encode_png(image), "txt": text.encode("utf-8"),
-                  "json": json.dumps(meta, ensure_ascii=False).encode("utf-8")}
-        if cls is not None:
-            sample["cls"] = str(int(cls)).encode("ascii")
-        self._tar.write(sample)
-        self.keys.update(k for k in sample if k != "__key__")
+        self._tar.write({"__key__": key, **fields})
+        self.keys.update(fields)
         self.count += 1
 
     def _next_shard(self) -> wds.TarWriter:

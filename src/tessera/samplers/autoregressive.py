@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map
 
 from ..generators.base import AutoregressiveGenerator, Condition, ScaleWiseGenerator
 from ..generators.conditioning import condition_size
@@ -117,78 +118,121 @@ class AutoregressiveSampler:
         return model.new_cache(batch, dtype, device)
 
 
-def _compile_step(step: Callable[..., torch.Tensor], cache) -> Callable[..., torch.Tensor]:
+def _compile_step(step: Callable[..., Any], cache, graphs: int = 1) -> Callable[..., Any]:
     """`step` compiled for CUDA-graph replay: the cache is a static address updated in place, each
-    call starts a new cudagraph step, and the output is cloned out of the graph's memory pool."""
+    call starts a new cudagraph step, and the outputs are cloned out of the graph's memory pool.
+    `graphs`: how many specialisations (e.g. one per scale) the step may compile."""
     for buffer in cache.buffers():
         torch._dynamo.mark_static_address(buffer)
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
+    limit = max(torch._dynamo.config.recompile_limit, graphs)
 
-    def run(*args) -> torch.Tensor:
+    def run(*args) -> Any:
         torch.compiler.cudagraph_mark_step_begin()
-        return compiled(*args).clone()
+        with torch._dynamo.config.patch(recompile_limit=limit):
+            out = compiled(*args)
+        return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, out)
     return run
 
 
 ScaleCallback = Callable[[int, torch.Tensor], None]
-ScaleEmitter = Callable[[torch.Tensor, int, float, bool, torch.Generator], torch.Tensor]
+ScaleStep = Callable[[int, torch.Tensor, "torch.Tensor | None", torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def run_scales(model: ScaleWiseGenerator, cond: Condition, schedule: GuidanceSchedule, emit: ScaleEmitter,
-               use_cache: bool = True, on_scale: ScaleCallback | None = None, seed: int = 0) -> list[torch.Tensor]:
-    """The coarse-to-fine loop shared by next-scale samplers; returns the units of every scale.
+class ScaleLoopSampler:
+    """Base of next-scale samplers: the coarse-to-fine loop, returning the units of every scale.
 
     For each scale k: build its inputs from the state, run the trunk (with the KV cache, or
-    uncached over all scales so far), turn the outputs into units with
-    `emit(outputs, k, weight, guided, generator)` and fold them into the state. The CFG weight of
-    scale k is `schedule.weight(k / (K - 1))`; when any weight differs from 1 the condition runs
-    as a doubled batch (conditional rows first). `on_scale(k, state)` sees each new state.
+    uncached over all scales so far), turn the outputs into units with `emit` (its random draws
+    made beforehand by `noise`, outside any compiled code) and fold them into the state. The CFG
+    weight of scale k is `schedule.weight(k / (K - 1))`; when any weight differs from 1 the
+    condition runs as a doubled batch (conditional rows first). `on_scale(k, state)` sees each
+    new state.
+
+    `compile=True` (CUDA) compiles each scale's whole step (inputs, cached trunk pass, `emit`,
+    state update) for CUDA-graph replay, one graph per scale, so a small batch is not bound by
+    kernel launches. The cache and compiled step are kept for the next call with the same model,
+    batch and dtype (every slot a scale reads is written earlier in the same call).
     """
-    device = next(model.parameters()).device
-    n = len(model.scales)
-    weights = [schedule.weight(k / max(n - 1, 1)) for k in range(n)]
-    guided = model.has_condition and any(w != 1.0 for w in weights)
-    dtype = next(model.trunk.parameters()).dtype
-    cond_vec = doubled_condition(model, cond, guided, model.condition_vector).to(dtype)
-    cache = model.new_cache(cond_vec.shape[0], dtype, device) if use_cache else None
-    generator = torch.Generator(device).manual_seed(seed)
-    state, inputs, units = None, [], []
-    for k, size in enumerate(model.sizes):
-        x = model.scale_tokens(cond_vec, state, k).to(dtype)
-        if cache is not None:
-            outputs = model.scale_outputs(x, k, cond_vec, cache)
-        else:
-            inputs.append(x)
-            outputs = model.outputs_upto(torch.cat(inputs, 1), cond_vec)[:, -size:]
-        units.append(emit(outputs, k, weights[k], guided, generator))
-        state = model.add_scale(state, units[-1], k)
-        if on_scale is not None:
-            on_scale(k, state)
-    return units
+
+    def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_scale: ScaleCallback | None = None,
+                 compile: bool = False):
+        if compile and not use_cache:
+            raise ValueError("compile=True needs use_cache=True (the compiled step is the cached one)")
+        self.settings = settings
+        self.schedule = GuidanceSchedule.from_config(settings)
+        self.use_cache = use_cache
+        self.on_scale = on_scale
+        self.compile = compile
+        self._steps: dict[tuple, ScaleStep] = {}
+
+    def noise(self, model: ScaleWiseGenerator, k: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """The random draws `emit` needs for scale k."""
+        raise NotImplementedError
+
+    def emit(self, model: ScaleWiseGenerator, outputs: torch.Tensor, k: int, weight: float, guided: bool,
+             noise: torch.Tensor) -> torch.Tensor:
+        """Scale k's units (B, pn_k^2, ...) from the trunk's outputs for it."""
+        raise NotImplementedError
+
+    def run(self, model: ScaleWiseGenerator, cond: Condition) -> list[torch.Tensor]:
+        """The units of every scale, coarse to fine."""
+        device = next(model.parameters()).device
+        n = len(model.scales)
+        weights = [self.schedule.weight(k / max(n - 1, 1)) for k in range(n)]
+        guided = model.has_condition and any(w != 1.0 for w in weights)
+        dtype = next(model.trunk.parameters()).dtype
+        batch = condition_size(cond)
+        cond_vec = doubled_condition(model, cond, guided, model.condition_vector).to(dtype)
+        step = self._cached_step(model, cond_vec.shape[0], dtype, device, guided, weights) if self.use_cache else None
+        generator = torch.Generator(device).manual_seed(self.settings.seed)
+        state, inputs, units = None, [], []
+        for k, size in enumerate(model.sizes):
+            noise = self.noise(model, k, batch, generator)
+            if step is not None:
+                new, state = step(k, cond_vec, state, noise)
+            else:
+                inputs.append(model.scale_tokens(cond_vec, state, k).to(dtype))
+                outputs = model.outputs_upto(torch.cat(inputs, 1), cond_vec)[:, -size:]
+                new = self.emit(model, outputs, k, weights[k], guided, noise)
+                state = model.add_scale(state, new, k)
+            units.append(new)
+            if self.on_scale is not None:
+                self.on_scale(k, state)
+        return units
+
+    def _cached_step(self, model: ScaleWiseGenerator, rows: int, dtype: torch.dtype, device: torch.device,
+                     guided: bool, weights: list[float]) -> ScaleStep:
+        """One scale's KV-cached step (compiled when asked), kept for calls with the same key."""
+        key = (id(model), rows, dtype, guided, tuple(weights))
+        if key not in self._steps:
+            cache = model.new_cache(rows, dtype, device)
+
+            def step(k: int, cond_vec: torch.Tensor, state: torch.Tensor | None, noise: torch.Tensor):
+                x = model.scale_tokens(cond_vec, state, k).to(dtype)
+                new = self.emit(model, model.scale_outputs(x, k, cond_vec, cache), k, weights[k], guided, noise)
+                return new, model.add_scale(state, new, k)
+            self._steps = {key: _compile_step(step, cache, graphs=len(weights) + 1) if self.compile else step}
+        return self._steps[key]
 
 
-class ScaleWiseSampler:
+class ScaleWiseSampler(ScaleLoopSampler):
     """Next-scale (VAR) sampling: all tokens of a scale at once, coarse to fine, with a KV cache.
 
     CFG weight of scale k is `schedule.weight(k / (K - 1))` (VAR: cfg_schedule=linear, rising
     from 1 to `cfg`), then temperature, top-k and top-p. `on_scale(k, f_hat)` receives the
     running latent after each scale (`model.preview` decodes it). Returns (B, sum pn^2) code ids.
-    `use_cache=False` recomputes every coarser scale each step (the reference path).
+    `use_cache=False` recomputes every coarser scale each step (the reference path); `compile`
+    as in `ScaleLoopSampler`.
     """
 
-    def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_scale: ScaleCallback | None = None):
-        self.settings = settings
-        self.schedule = GuidanceSchedule.from_config(settings)
-        self.use_cache = use_cache
-        self.on_scale = on_scale
+    def noise(self, model: ScaleWiseGenerator, k: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return exponential_noise((batch, model.sizes[k], model.vocab_size), generator, generator.device)
+
+    def emit(self, model: ScaleWiseGenerator, outputs: torch.Tensor, k: int, weight: float, guided: bool,
+             noise: torch.Tensor) -> torch.Tensor:
+        return draw(outputs, weight, noise, guided, self.settings)
 
     @torch.no_grad()
     def __call__(self, model: ScaleWiseGenerator, cond: Condition) -> torch.Tensor:
-        batch = condition_size(cond)
-
-        def emit(logits: torch.Tensor, k: int, weight: float, guided: bool, generator: torch.Generator):
-            noise = exponential_noise((batch, logits.shape[1], logits.shape[2]), generator, logits.device)
-            return draw(logits, weight, noise, guided, self.settings)
-
-        units = run_scales(model, cond, self.schedule, emit, self.use_cache, self.on_scale, self.settings.seed)
-        return torch.cat(units, 1)
+        return torch.cat(self.run(model, cond), 1)

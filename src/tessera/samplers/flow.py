@@ -13,8 +13,7 @@ from typing import Callable, Literal, get_args
 import torch
 
 from ..config import Config, ConfigError, check_range
-from ..generators.conditioning import condition_size
-from .autoregressive import run_scales
+from .autoregressive import ScaleLoopSampler
 from .guidance import GuidanceSchedule, guided_logits
 from .logits import SamplingConfig
 
@@ -117,6 +116,13 @@ class FlowSamplingConfig(Config):
     schedule: FlowSchedule = "uniform"
     sway: float = DEFAULT_SWAY
     temperature: float = 1.0
+    cfg_interval_start: float = 0.0  # guidance only for flow time in [start, end]; 1 outside
+    cfg_interval_end: float = 1.0
+
+    def guidance(self, weight: float) -> float | GuidanceSchedule:
+        """Weight w along the flow: constant, or restricted to the guidance interval."""
+        interval = (self.cfg_interval_start, self.cfg_interval_end)
+        return weight if interval == (0.0, 1.0) else GuidanceSchedule("interval", weight, interval)
 
     def validate(self) -> None:
         check_range("steps", self.steps, 1, math.inf)
@@ -126,6 +132,8 @@ class FlowSamplingConfig(Config):
             raise ConfigError(f"schedule={self.schedule!r} is not one of {list(get_args(FlowSchedule))}")
         check_range("sway", self.sway, -1.0, 1.0)
         check_range("temperature", self.temperature, 0.0, math.inf)
+        check_range("cfg_interval_start", self.cfg_interval_start, 0.0, 1.0)
+        check_range("cfg_interval_end", self.cfg_interval_end, self.cfg_interval_start, 1.0)
 
 
 class FlowSampler:
@@ -155,36 +163,36 @@ class FlowSampler:
         return x.to(x0.dtype)
 
 
-class FlowScaleSampler:
+class FlowScaleSampler(ScaleLoopSampler):
     """FlowAR sampling: scale by scale (KV-cached trunk), each scale's latent vectors generated from
-    noise by the flow head with `flow` (steps, solver, time grid, temperature).
+    noise by the flow head with `flow` (steps, solver, time grid, temperature, guidance interval).
 
     The CFG weight of scale k follows `settings`' schedule over scales (FlowAR ramps it linearly:
-    cfg_schedule=linear) and is constant along the flow; `settings.seed` seeds the noise.
-    Returns the final (B, C, H, W) latent; `on_scale(k, latent_k)` sees every scale's map.
+    cfg_schedule=linear); along the flow it applies inside `flow`'s guidance interval of flow time
+    (all of it by default). `settings.seed` seeds the noise. Returns the final (B, C, H, W)
+    latent; `on_scale(k, latent_k)` sees every scale's map.
     """
 
     def __init__(self, settings: SamplingConfig, flow: FlowSamplingConfig | None = None, use_cache: bool = True,
                  on_scale=None):
-        self.settings = settings
-        self.schedule = GuidanceSchedule.from_config(settings)
-        self.flow = FlowSampler(flow or FlowSamplingConfig())
-        self.use_cache = use_cache
-        self.on_scale = on_scale
+        super().__init__(settings, use_cache, on_scale)
+        self.flow_settings = flow or FlowSamplingConfig()
+        self.flow = FlowSampler(self.flow_settings)
+
+    def noise(self, model, k: int, batch: int, generator: torch.Generator) -> torch.Tensor:
+        return torch.randn((batch, model.sizes[k], model.latent_channels), generator=generator,
+                           device=generator.device)
+
+    def emit(self, model, hidden: torch.Tensor, k: int, weight: float, guided: bool,
+             noise: torch.Tensor) -> torch.Tensor:
+        if not (guided and weight != 1.0):
+            hidden, weight = hidden[:noise.shape[0]], 1.0
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            return model.head(x.to(hidden.dtype), t.to(hidden.dtype), hidden)
+        return self.flow(velocity, noise, cfg=self.flow_settings.guidance(weight))
 
     @torch.no_grad()
     def __call__(self, model, cond) -> torch.Tensor:
-        batch = condition_size(cond)
-
-        def emit(hidden: torch.Tensor, k: int, weight: float, guided: bool, generator: torch.Generator):
-            noise = torch.randn((batch, hidden.shape[1], model.latent_channels), generator=generator,
-                                device=hidden.device)
-            if not (guided and weight != 1.0):
-                hidden, weight = hidden[:batch], 1.0
-
-            def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                return model.head(x.to(hidden.dtype), t.to(hidden.dtype), hidden)
-            return self.flow(velocity, noise, cfg=weight)
-
-        units = run_scales(model, cond, self.schedule, emit, self.use_cache, self.on_scale, self.settings.seed)
+        units = self.run(model, cond)
         return model.add_scale(None, units[-1], len(units) - 1)
