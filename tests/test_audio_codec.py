@@ -1,6 +1,7 @@
 """Audio codec: SEANet + residual VQ shapes, coarse-prefix decoding, RVQ fitting and quantiser dropout,
 audio metrics (SI-SNR, mel filterbank, spectral distances, codec report), overfitting, GAN gradient
 routing, config errors and checkpoints."""
+import itertools
 import math
 
 import pytest
@@ -45,7 +46,7 @@ def one_thread():
 # ----- codec shapes and paths ------------------------------------------------------------------
 def test_encode_decode_shapes_and_prefix():
     model = tiny().eval()
-    assert model.hop_length == 40 and model.frame_rate == 400.0
+    assert model.hop_length == 40 and model.frame_rate == 400.0 and model.codebook_usage() == [1.0] * 4
     wave = sines(2, 3201)  # not a multiple of the hop: padded to 81 frames
     codes = model.encode(wave)
     assert codes.shape == (2, 4, 81) == (2, model.config.num_codebooks, math.ceil(3201 / 40))
@@ -56,8 +57,10 @@ def test_encode_decode_shapes_and_prefix():
     for k in (1, 2, 3):  # a coarse prefix of the streams decodes
         assert torch.equal(model.encode(wave, num_codebooks=k), codes[:, :k])
         assert model.decode(codes[:, :k], length=3201).shape == (2, 1, 3201)
-    with pytest.raises(ValueError, match=r"num_codebooks=5 must lie in \[1, 4\]"):
+    with pytest.raises(ValueError, match=r"1 <= K' <= 4 streams, got shape \(2, 5, 81\)"):
         model.decode(torch.zeros(2, 5, 81, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"num_codebooks=0 must lie in \[1, 4\]"):
+        model.encode(wave, num_codebooks=0)
     with pytest.raises(ValueError, match="mono audio"):
         model.encode(torch.zeros(2, 2, 400))
     with pytest.raises(ValueError, match="length=4000"):
@@ -116,9 +119,10 @@ def test_residual_vq_each_stage_refines_the_latents():
     rvq.eval()
     codes = rvq.encode(z)
     assert codes.shape == (4, 4, 64) and int(codes.min()) >= 0 and int(codes.max()) < 32
-    errors = [float((z - rvq.decode_codes(codes[:, :k])).pow(2).mean()) for k in range(1, 5)]
-    errors = [float(z.pow(2).mean())] + errors
-    assert all(b < a for a, b in zip(errors, errors[1:])), errors
+    with torch.no_grad():
+        errors = [float(z.pow(2).mean())] + [float((z - rvq.decode_codes(codes[:, :k])).pow(2).mean())
+                                             for k in range(1, 5)]
+    assert all(b < a for a, b in itertools.pairwise(errors)), errors
     assert errors[-1] < 0.5 * errors[0], errors
     out = rvq(z)
     assert torch.equal(out.codes, codes)
@@ -213,7 +217,8 @@ def test_codec_report():
     assert model.training  # mode restored
     assert report["items"] == 5 and report["batches"] == 2 and report["num_codebooks"] == 4
     model.eval()
-    recon = model.decode(model.encode(wave), length=900)
+    with torch.no_grad():
+        recon = model.decode(model.encode(wave), length=900)
     snr = torch.cat([si_snr(recon[0:1], wave[0:1]), si_snr(recon[1:2, :, :700], wave[1:2, :, :700]),
                      si_snr(recon[2:3, :, :400], wave[2:3, :, :400]), si_snr(recon[:2], wave[:2])])
     assert report["si_snr_db"] == pytest.approx(float(snr.mean()), abs=1e-3)
@@ -225,12 +230,14 @@ def test_codec_report():
 
 # ----- training --------------------------------------------------------------------------------
 def test_tiny_codec_overfits_a_sum_of_sines(one_thread):
-    # Measured on CPU (one thread, 300 steps, ~10 s): SI-SNR about -45 dB before, 20 dB after.
+    # Measured on CPU (one thread, 300 steps, ~10 s): SI-SNR -44.7 dB before, 20.3 dB after (torch seeds 0-3:
+    # -33..-45 before, 19.8..22.9 after). A high L1 weight makes the waveform (phase) fit fast.
     torch.manual_seed(0)
     model = tiny(l1_weight=10.0)
     wave = sines(2, 1600)
     model.eval()
-    before = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())
+    with torch.no_grad():
+        before = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())
     model.train()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(300):
@@ -239,7 +246,8 @@ def test_tiny_codec_overfits_a_sum_of_sines(one_thread):
         loss.backward()
         opt.step()
     model.eval()
-    after = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())
+    with torch.no_grad():
+        after = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())
     assert before < -20 and after > 12, (before, after)
     assert float(logs["usage_q0"]) > 0.1
 

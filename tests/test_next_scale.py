@@ -75,6 +75,16 @@ def test_compiled_scale_steps_match_eager(tokenizer_dir):
         ScaleWiseSampler(settings, use_cache=False, compile=True)
 
 
+def test_samples_with_bf16_weights_without_autocast(tokenizer_dir):
+    """Half-precision weights (as the benchmark runs them) sample without dtype clashes; f_hat stays float32."""
+    model = tiny(tokenizer_dir).to(torch.bfloat16)
+    states = []
+    sampler = ScaleWiseSampler(SamplingConfig(cfg=2.0, seed=0), on_scale=lambda k, f: states.append(f.dtype))
+    images = model.sample(torch.tensor([0, 1]), sampler)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images.float()).all()
+    assert set(states) == {torch.float32}
+
+
 def test_loss_trains_and_logs_each_scale(tokenizer_dir):
     model = tiny(tokenizer_dir, scale_loss_weights=[1.0, 1.0, 1.0, 2.0]).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)

@@ -6,8 +6,8 @@ cut to `max_seconds`, resampled to one rate and stored as `KEY.flac` (16-bit), `
 caption) and `KEY.json` (meta). Captions are "<kind>, <qualifier>: <content>":
   speech_en    "speech, English: <exact transcript>" ("sound: beep tone" for bracketed non-speech)
   tuxpaint     "speech, French: <the stamp's sentence in that language>"
-  instruments  "instrument note, Cello (strings): A3, velocity 75, held 1.0 s" or
-               "instrument melody, Cello (strings): 6 notes in D minor at 120 BPM, velocity 75"
+  instruments  "instrument note, Cello, strings family: A3, velocity 75, held 1.0 s" or
+               "instrument melody, Cello, strings family: 6 notes in D minor at 120 BPM, velocity 75"
 A missing package raises SourceError naming the apt-get command; `install=True` runs it.
 """
 from __future__ import annotations
@@ -82,6 +82,9 @@ GM_PROGRAMS = (
     "Gunshot")
 _FAMILY_PITCHES = ((33, 96), (48, 96), (36, 84), (40, 84), (28, 60), (36, 96), (36, 84), (40, 82), (40, 88),
                    (60, 96), (40, 88), (36, 84), (36, 84), (48, 84), (48, 84), (48, 72))  # MIDI range per family
+_PROGRAM_PITCHES = {40: (55, 100), 41: (48, 88), 42: (36, 76), 43: (28, 60), 47: (40, 57), 56: (52, 84),
+                    57: (40, 72), 58: (28, 58), 60: (34, 77), 64: (56, 88), 65: (49, 81), 66: (44, 76), 67: (36, 69),
+                    68: (58, 91), 69: (52, 81), 70: (34, 75), 71: (50, 91), 72: (74, 102), 73: (60, 96)}  # real ranges
 NOTE_NAMES = ("C", "C#", "D", "D#", "E", "F", "F#", "G", "G#", "A", "A#", "B")
 VELOCITIES = (25, 50, 75, 100, 127)  # as in NSynth
 _SCALES = {"major": (0, 2, 4, 5, 7, 9, 11), "minor": (0, 2, 3, 5, 7, 8, 10)}
@@ -90,7 +93,7 @@ _BEATS = (0.5, 0.5, 1.0, 1.0, 1.0, 2.0)  # melody note lengths
 _RELEASE = 1.0  # seconds rendered after the last note-off
 _GAP = 0.5  # seconds of silence between clips rendered together
 _PER_RENDER = 50  # clips per MIDI file
-_FLUIDSYNTH_GAIN = 0.5
+_FLUIDSYNTH_GAIN = 0.8
 _TICKS_PER_BEAT = 480
 _TICKS_PER_SECOND = 2 * _TICKS_PER_BEAT  # at the MIDI default tempo, 120 BPM
 
@@ -128,7 +131,8 @@ class AudioSource:
     seconds: float = 0.0
 
     def report(self) -> dict[str, Any]:
-        return {"found": self.found, "written": self.written, "skipped": dict(self.skipped.most_common()),
+        skipped = dict(sorted(self.skipped.items(), key=lambda item: (-item[1], item[0])))  # most first
+        return {"found": self.found, "written": self.written, "skipped": skipped,
                 "seconds": round(self.seconds, 1)}
 
 
@@ -170,7 +174,7 @@ def _clip(key: str, audio: np.ndarray, rate: int, sample_rate: int, max_seconds:
 def _read(path: Path) -> tuple[np.ndarray, int] | str:
     try:
         return sf.read(str(path), dtype="float32", always_2d=True)
-    except (sf.LibsndfileError, RuntimeError, OSError, ValueError):
+    except (sf.SoundFileError, OSError):
         return "unreadable audio"
 
 
@@ -246,7 +250,7 @@ def tuxpaint_text(txt: Path, language: str) -> str | None:
     """The stamp's sentence in `language` (English: line 1; others: the `<lang>.utf8=` line), or None."""
     lines = txt.read_text(encoding="utf-8").splitlines()
     if language == "en":
-        return lines[0].strip() if lines and "=" not in lines[0] else None
+        return (lines[0].strip() or None) if lines and not re.match(r"[\w@]+\.utf8=", lines[0]) else None
     found = [line.split("=", 1)[1].strip() for line in lines if line.startswith(f"{language}.utf8=")]
     return found[0] if found and found[0] else None
 
@@ -324,8 +328,8 @@ def instrument_plan(n: int, seed: int = 0, max_seconds: float = 10.0) -> list[di
             order = rng.sample(range(128), 128)
         program, velocity = order.pop(), rng.choice(VELOCITIES)
         family = program // 8
-        low, high = _FAMILY_PITCHES[family]
-        head = f"{GM_PROGRAMS[program]} ({GM_FAMILIES[family]})"
+        low, high = _PROGRAM_PITCHES.get(program, _FAMILY_PITCHES[family])
+        head = f"{GM_PROGRAMS[program]}, {GM_FAMILIES[family]} family"
         meta: dict[str, Any] = {"source": "fluidsynth FluidR3_GM", "program": program,
                                 "instrument": GM_PROGRAMS[program], "family": GM_FAMILIES[family],
                                 "family_id": family, "velocity": velocity}
@@ -372,14 +376,15 @@ def _batch_midi(plans: list[dict[str, Any]]) -> tuple[bytes, list[int]]:
     return midi_file(events + [(tick, bytes([0xB0, 120, 0]))]), starts
 
 
-def render_midi(midi: bytes, sample_rate: int, fluidsynth: str = "fluidsynth", soundfont: Path = SOUNDFONT) -> np.ndarray:
+def render_midi(midi: bytes, sample_rate: int, fluidsynth: str = "fluidsynth",
+                soundfont: Path = SOUNDFONT) -> np.ndarray:
     """(frames, channels) float32 audio of a MIDI file rendered by FluidSynth (no reverb or chorus)."""
     with tempfile.TemporaryDirectory(prefix="tessera-midi-") as tmp:
         mid, wav = Path(tmp) / "in.mid", Path(tmp) / "out.wav"
         mid.write_bytes(midi)
         command = [fluidsynth, "-ni", "-q", "-R", "0", "-C", "0", "-g", str(_FLUIDSYNTH_GAIN), "-r", str(sample_rate),
                    "-O", "float", "-T", "wav", "-F", str(wav), str(soundfont), str(mid)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, check=False, capture_output=True, text=True)
         if result.returncode != 0 or not wav.is_file():
             detail = (result.stderr.strip().splitlines() or ["no output file"])[-1]
             raise SourceError(f"fluidsynth failed (exit {result.returncode}): {detail}; command: {shlex.join(command)}")
@@ -408,19 +413,14 @@ def instrument_clips(sample_rate: int, n: int = DEFAULT_INSTRUMENTS, *, fluidsyn
 # ---------------------------------------------------------------------------- the dataset
 
 def missing_sources(sources: Iterable[str], paths: AudioPaths = AudioPaths()) -> dict[str, str]:
-    """{source: the first file or program of it that is missing} for the sources not installed."""
-    needs = {"speech_en": [paths.transcripts, paths.sounds / "auth-thankyou.wav"], "tuxpaint": [paths.stamps],
-             "instruments": [paths.fluidsynth, paths.soundfont]}
-    missing = {}
-    for name in sources:
-        for need in needs[name]:
-            if isinstance(need, str) and shutil.which(need) is None:
-                missing[name] = f"no `{need}` program on PATH"
-            elif isinstance(need, Path) and not need.exists():
-                missing[name] = f"no {need}"
-            if name in missing:
-                break
-    return missing
+    """{source: what of it is missing} for each of `sources` that is not installed."""
+    checks = {"speech_en": [(paths.transcripts.is_file(), f"no {paths.transcripts}"),
+                            (any(paths.sounds.glob("*.wav")), f"no {paths.sounds}/*.wav")],
+              "tuxpaint": [(paths.stamps.is_dir(), f"no {paths.stamps}")],
+              "instruments": [(shutil.which(paths.fluidsynth) is not None, f"no `{paths.fluidsynth}` program on PATH"),
+                              (paths.soundfont.is_file(), f"no {paths.soundfont}")]}
+    return {name: next(why for ok, why in checks[name] if not ok) for name in sources
+            if not all(ok for ok, _ in checks[name])}
 
 
 def _ensure_installed(sources: Sequence[str], paths: AudioPaths, install: bool) -> None:
@@ -463,7 +463,7 @@ def write_audio_dataset(out: str | Path, sample_rate: int = 16000, sources: Sequ
     check_range("sample_rate", sample_rate, 8000, 48000)
     check_range("max_seconds", max_seconds, 1.0)
     check_range("instruments_n", instruments_n, 1)
-    sources = list(dict.fromkeys(sources))
+    sources = list(dict.fromkeys(sources.split(",") if isinstance(sources, str) else sources))
     unknown = [s for s in sources if s not in AUDIO_SOURCES]
     if unknown or not sources:
         raise ConfigError(f"unknown audio source(s) {unknown or sources}; valid: {', '.join(AUDIO_SOURCES)}")

@@ -1,10 +1,11 @@
-"""`tessera data ...`: write shapes, Fashion-MNIST or emoji as WebDataset shards."""
+"""`tessera data ...`: write shapes, Fashion-MNIST, emoji or captioned audio as WebDataset shards."""
 from __future__ import annotations
 
 import argparse
 from typing import Any
 
 from ..config import ConfigError
+from .audio_sources import AUDIO_SOURCES, DEFAULT_INSTRUMENTS, write_audio_dataset
 from .shapes import MAX_RESOLUTION, MIN_RESOLUTION, write_shapes_dataset
 from .sources import (DEFAULT_NPM_CACHE, EMOJI_STYLES, FASHION_MNIST_DIR, FASHION_MNIST_SPLITS, write_emoji,
                       write_fashion_mnist)
@@ -46,9 +47,25 @@ def _emoji(args: argparse.Namespace) -> None:
                         per_shard=args.per_shard, progress=True), args.out)
 
 
+def _audio(args: argparse.Namespace) -> None:
+    _at_least("--per-shard", args.per_shard, 1)
+    _at_least("--instruments", args.instruments, 1)
+    _at_least("--seed", args.seed, 0)
+    sources = [s.strip() for s in args.sources.split(",") if s.strip()]
+    info = write_audio_dataset(args.out, args.rate, sources, install=args.install, per_shard=args.per_shard,
+                               max_seconds=args.max_seconds, instruments_n=args.instruments, seed=args.seed)
+    for name, got in info["sources"].items():
+        skipped = ", ".join(f"{n} {why}" for why, n in got["skipped"].items()) or "none"
+        print(f"{name:>12}: found {got['found']}, wrote {got['written']} ({got['seconds'] / 60:.1f} min), "
+              f"skipped {sum(got['skipped'].values())} ({skipped})")
+    print(f"wrote {info['count']} clips ({info['seconds'] / 60:.1f} min at {args.rate} Hz) "
+          f"in {len(info['shards'])} shard(s) to {args.out}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands (each sets `func` to its handler)."""
-    data = subparsers.add_parser("data", help="write a dataset as WebDataset shards (shapes, fashion-mnist, emoji)")
+    data = subparsers.add_parser("data", help="write a dataset as WebDataset shards "
+                                              "(shapes, fashion-mnist, emoji, audio)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("shapes", help="procedural captioned shape scenes with GenEval-style ground truth")
@@ -75,3 +92,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", default=str(DEFAULT_NPM_CACHE), help="folder holding the npm tarballs")
     p.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
     p.set_defaults(func=_emoji)
+
+    p = sub.add_parser("audio", help="captioned audio from Debian packages: Asterisk English speech, Tux Paint "
+                                     "spoken descriptions, FluidSynth instrument notes and melodies")
+    p.add_argument("--out", required=True, help="output folder (new, empty, or an earlier dataset)")
+    p.add_argument("--rate", type=int, default=16000, help="sample rate in Hz, e.g. 16000 or 24000")
+    p.add_argument("--sources", default=",".join(AUDIO_SOURCES), help="comma-separated: " + ",".join(AUDIO_SOURCES))
+    p.add_argument("--install", action="store_true", help="apt-get install the missing sources' packages")
+    p.add_argument("--instruments", type=int, default=DEFAULT_INSTRUMENTS, help="instrument clips to render")
+    p.add_argument("--max-seconds", type=float, default=10.0, help="longer clips are cut to this length")
+    p.add_argument("--per-shard", type=int, default=2000, help="samples per shard")
+    p.add_argument("--seed", type=int, default=0, help="sample order and the instrument clips")
+    p.set_defaults(func=_audio)

@@ -224,8 +224,9 @@ class AudioCodec(TesseraModel):
                  + c.codebook_loss_weight * q.codebook_loss + c.commitment_weight * q.commit_loss)
         with torch.no_grad():
             snr = si_snr(recon, audio, lengths).mean()
-        logs = {"l1": l1.detach(), "stft": stft.detach(), "mel": mel.detach(), "codebook_loss": q.codebook_loss.detach(),
-                "commit_loss": q.commit_loss.detach(), "si_snr": snr, "dead_restarts": q.restarts}
+        logs = {"l1": l1.detach(), "stft": stft.detach(), "mel": mel.detach(),
+                "codebook_loss": q.codebook_loss.detach(), "commit_loss": q.commit_loss.detach(), "si_snr": snr,
+                "dead_restarts": q.restarts}
         for k in range(c.num_codebooks):
             logs[f"usage_q{k}"] = q.usage[k]
             logs[f"perplexity_q{k}"] = q.perplexity[k]

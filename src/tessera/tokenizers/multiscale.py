@@ -46,7 +46,8 @@ class MultiScaleConfig(VQConfig):
 
 
 class Phi(nn.Module):
-    """VAR's refinement after upsampling: (1 - a) * h + a * conv3x3(h)."""
+    """VAR's refinement after upsampling: (1 - a) * h + a * conv3x3(h), in h's dtype (f_hat is
+    accumulated in float32 whatever the weights' dtype)."""
 
     def __init__(self, dim: int, blend: float):
         super().__init__()
@@ -54,7 +55,7 @@ class Phi(nn.Module):
         self.blend = blend
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return h.mul(1 - self.blend) + self.conv(h).mul(self.blend)
+        return h.mul(1 - self.blend) + self.conv(h.to(self.conv.weight.dtype)).to(h.dtype).mul(self.blend)
 
 
 class MultiScaleVQ(VQTokenizer):

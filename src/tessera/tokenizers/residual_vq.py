@@ -49,10 +49,6 @@ class ResidualVQ(nn.Module):
     def num_codebooks(self) -> int:
         return len(self.stages)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.stages[0].codebook_size
-
     def _check_stages(self, n: int | None) -> int:
         n = self.num_codebooks if n is None else n
         if not 1 <= n <= self.num_codebooks:
@@ -73,9 +69,9 @@ class ResidualVQ(nn.Module):
 
     def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
         """(B, K', T) code ids of the first K' <= K stages -> (B, D, T) summed code vectors."""
-        if codes.dim() != 3:
-            raise ValueError(f"codes must be (B, K', T), got shape {tuple(codes.shape)}")
-        self._check_stages(codes.shape[1])
+        if codes.dim() != 3 or not 1 <= codes.shape[1] <= self.num_codebooks:
+            raise ValueError(f"codes must be (B, K', T) with 1 <= K' <= {self.num_codebooks} streams, "
+                             f"got shape {tuple(codes.shape)}")
         return sum(stage.embed(codes[:, k, None])[:, :, 0] for k, stage in enumerate(self.stages[:codes.shape[1]]))
 
     def _kept_stages(self, batch: int, device: torch.device) -> torch.Tensor:
