@@ -71,8 +71,19 @@ def test_compiled_scale_steps_match_eager(tokenizer_dir):
     compiled = ScaleWiseSampler(settings, compile=True)
     assert torch.equal(compiled(model, labels), eager)
     assert torch.equal(compiled(model, labels), eager)  # second call reuses the cache and the compiled steps
-    with pytest.raises(ValueError, match="needs use_cache"):
+    with pytest.raises(ValueError, match="need use_cache"):
         ScaleWiseSampler(settings, use_cache=False, compile=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_scale_steps_match_eager(tokenizer_dir):
+    model = tiny(tokenizer_dir).cuda()
+    settings = SamplingConfig(cfg=3.0, cfg_schedule="linear", top_k=20, seed=2)
+    labels = torch.tensor([1, 0], device="cuda")
+    eager = ScaleWiseSampler(settings)(model, labels)
+    graphed = ScaleWiseSampler(settings, cuda_graph=True)
+    assert torch.equal(graphed(model, labels), eager)
+    assert torch.equal(graphed(model, labels), eager)
 
 
 def test_samples_with_bf16_weights_without_autocast(tokenizer_dir):

@@ -78,6 +78,5 @@ def make_audio_loader(shards: str, batch_size: int, sample_rate: int, clip_secon
     pipeline.append(functools.partial(_crop_or_pad, length=length, seed=seed))
     pipeline.append(wds.batched(batch_size, collation_fn=collate_audio, partial=not infinite))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
-                                       persistent_workers=infinite and num_workers > 0,
                                        pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=ignore_stop_signals if num_workers else None)

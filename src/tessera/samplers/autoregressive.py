@@ -149,21 +149,26 @@ class ScaleLoopSampler:
     condition runs as a doubled batch (conditional rows first). `on_scale(k, state)` sees each
     new state.
 
-    `compile=True` (CUDA) compiles each scale's whole step (inputs, cached trunk pass, `emit`,
-    state update) for CUDA-graph replay, one graph per scale, so a small batch is not bound by
-    kernel launches. The cache and compiled step are kept for the next call with the same model,
-    batch and dtype (every slot a scale reads is written earlier in the same call).
+    Each scale's whole step (inputs, cached trunk pass, `emit`, state update) can run as one CUDA
+    graph per scale, so a small batch is not bound by kernel launches: `cuda_graph=True` captures
+    the eager kernels on first use (a second or so), `compile=True` (CUDA) compiles the step with
+    torch.compile (fused kernels, CUDA-graph replay; minutes of compilation per batch size). The
+    cache and step are kept for the next call with the same model, batch and dtype (every slot
+    a scale reads is written earlier in the same call).
     """
 
     def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_scale: ScaleCallback | None = None,
-                 compile: bool = False):
-        if compile and not use_cache:
-            raise ValueError("compile=True needs use_cache=True (the compiled step is the cached one)")
+                 compile: bool = False, cuda_graph: bool = False):
+        if (compile or cuda_graph) and not use_cache:
+            raise ValueError("compile=True and cuda_graph=True need use_cache=True (they replay the cached step)")
+        if compile and cuda_graph:
+            raise ValueError("choose one of compile=True (torch.compile, with CUDA graphs) and cuda_graph=True")
         self.settings = settings
         self.schedule = GuidanceSchedule.from_config(settings)
         self.use_cache = use_cache
         self.on_scale = on_scale
         self.compile = compile
+        self.cuda_graph = cuda_graph
         self._steps: dict[tuple, ScaleStep] = {}
 
     def noise(self, model: ScaleWiseGenerator, k: int, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -212,8 +217,51 @@ class ScaleLoopSampler:
                 x = model.scale_tokens(cond_vec, state, k).to(dtype)
                 new = self.emit(model, model.scale_outputs(x, k, cond_vec, cache), k, weights[k], guided, noise)
                 return new, model.add_scale(state, new, k)
-            self._steps = {key: _compile_step(step, cache, graphs=len(weights) + 1) if self.compile else step}
+            if self.compile:
+                step = _compile_step(step, cache, graphs=len(weights) + 1)
+            elif self.cuda_graph:
+                step = ScaleGraphs(step)
+            self._steps = {key: step}
         return self._steps[key]
+
+
+class ScaleGraphs:
+    """A scale step replayed from one CUDA graph per scale, captured from its eager kernels on first use.
+
+    Inputs are copied into the graph's static tensors before each replay and outputs are cloned
+    out after it; the KV cache is written in place by the graph. All graphs share one memory pool
+    (they never run at the same time).
+    """
+
+    def __init__(self, step: ScaleStep):
+        self.step = step
+        self.graphs: dict[int, tuple] = {}
+        self.pool = None
+
+    def __call__(self, k: int, cond_vec: torch.Tensor, state: torch.Tensor | None,
+                 noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if k not in self.graphs:
+            self.graphs[k] = self._capture(k, cond_vec, state, noise)
+        graph, inputs, outputs = self.graphs[k]
+        for static, value in zip(inputs, (cond_vec, state, noise)):
+            if static is not None:
+                static.copy_(value)
+        graph.replay()
+        return outputs[0].clone(), outputs[1].clone()
+
+    def _capture(self, k: int, *args: torch.Tensor | None) -> tuple:
+        inputs = tuple(None if t is None else t.clone() for t in args)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the capture (library handles, workspaces)
+            self.step(k, *inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            outputs = self.step(k, *inputs)
+        return graph, inputs, outputs
 
 
 class ScaleWiseSampler(ScaleLoopSampler):
