@@ -23,7 +23,8 @@ from tessera.data.shards import CorruptDataWarning, DatasetInfo, DatasetWriter, 
 from tessera.data.sources import SourceError
 
 RATE = 16000
-ALL_PACKAGES = "asterisk-core-sounds-en-wav asterisk-core-sounds-en tuxpaint-stamps-default fluidsynth fluid-soundfont-gm"
+ALL_PACKAGES = ("asterisk-core-sounds-en-wav asterisk-core-sounds-en tuxpaint-stamps-default fluidsynth "
+                "fluid-soundfont-gm")
 
 
 def _tone(seconds: float, rate: int, channels: int = 1) -> np.ndarray:
@@ -87,8 +88,8 @@ def test_speech_and_tuxpaint_to_shards(paths, tmp_path):
 
     samples = _samples(tmp_path / "out")
     captions = {key: s["txt"].decode() for key, s in samples.items()}
-    assert captions == {"speech_en-hello": "speech, English: Hello world.", "speech_en-digits_1": "speech, English: one",
-                        "speech_en-beep": "sound: a simple beep tone",
+    assert captions == {"speech_en-hello": "speech, English: Hello world.",
+                        "speech_en-digits_1": "speech, English: one", "speech_en-beep": "sound: a simple beep tone",
                         "tuxpaint-animals_cats-cat-en": "speech, English: A cat.",
                         "tuxpaint-animals_cats-cat-fr": "speech, French: Un chat."}
     for key, tone in (("speech_en-hello", 0.5), ("speech_en-beep", 0.2), ("tuxpaint-animals_cats-cat-fr", 0.4)):
@@ -123,9 +124,9 @@ def test_loader_batches(paths, tmp_path):
     for batch in batches:
         assert batch["audio"].shape == (len(batch["caption"]), 1, 8000) and batch["audio"].dtype == torch.float32
         assert batch["lengths"].dtype == torch.int64 and batch["audio"].abs().max() <= 1
-        for audio, length in zip(batch["audio"][:, 0], batch["lengths"].tolist()):
+        for audio, length in zip(batch["audio"][:, 0], batch["lengths"].tolist(), strict=True):
             assert 0 < length <= 8000 and not audio[length:].any() and audio[:length].abs().max() > 0.4
-    lengths = {c: n for b in batches for c, n in zip(b["caption"], b["lengths"].tolist())}
+    lengths = {c: n for b in batches for c, n in zip(b["caption"], b["lengths"].tolist(), strict=True)}
     assert lengths["speech, English: Hello world."] == 8000, "0.7 s clip cropped to 0.5 s"
     assert lengths["sound: a simple beep tone"] < 8000, "0.4 s clip zero-padded"
     first = [next(iter(make_audio_loader(str(tmp_path / "out"), 3, RATE, 0.25, seed=4)))["audio"] for _ in range(2)]
@@ -227,8 +228,10 @@ def test_fluidsynth_renders_two_notes():
     source = instrument_clips(RATE, 2, seed=0)
     clips = list(source.clips)
     assert source.found == 2 and len(clips) + source.skipped.total() == 2 and clips
-    for clip, plan in zip(clips, instrument_plan(2, seed=0)):
-        assert clip.key == plan["key"] and clip.caption == plan["caption"] and clip.audio.dtype == np.float32
+    plans = {plan["key"]: plan for plan in instrument_plan(2, seed=0)}
+    for clip in clips:
+        plan = plans[clip.key]
+        assert clip.caption == plan["caption"] and clip.audio.dtype == np.float32
         assert 0.2 < len(clip.audio) / RATE <= plan["length"] + 0.01 and 0.001 < np.abs(clip.audio).max() <= 1
         assert clip.meta["duration"] == pytest.approx(len(clip.audio) / RATE, abs=1e-3)
 

@@ -401,7 +401,7 @@ def instrument_clips(sample_rate: int, n: int = DEFAULT_INSTRUMENTS, *, fluidsyn
         midi, starts = _batch_midi(batch)
         audio = render_midi(midi, sample_rate, fluidsynth, soundfont)
         clips: list[AudioClip | str] = []
-        for plan, tick in zip(batch, starts):
+        for plan, tick in zip(batch, starts, strict=True):
             begin = round(tick / _TICKS_PER_SECOND * sample_rate)
             piece = audio[begin:begin + round(plan["length"] * sample_rate)]
             clips.append(_clip(plan["key"], piece, sample_rate, sample_rate, max_seconds, plan["caption"],
