@@ -169,6 +169,8 @@ def test_flow_head_learns_a_conditional_toy_distribution():
     ({"sway": 1.5}, "sway"),
     ({"sway": -1.1}, "sway"),
     ({"temperature": -0.1}, "temperature"),
+    ({"cfg_interval_start": 0.5, "cfg_interval_end": 0.2}, "cfg_interval_end"),
+    ({"cfg_interval_end": 1.5}, "cfg_interval_end"),
 ])
 def test_bad_flow_config_raises(overrides, field):
     with pytest.raises(ConfigError, match=field):

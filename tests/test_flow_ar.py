@@ -49,6 +49,29 @@ def test_cached_flow_sampling_equals_uncached(kl_dir, cfg, schedule):
     assert model.sample(labels, FlowScaleSampler(settings, flow)).shape == (2, 3, 32, 32)
 
 
+def test_guidance_interval_on_flow_time(kl_dir):
+    """Guidance limited to a flow-time interval: an empty-effect interval equals unguided sampling
+    (per scale), the full interval equals constant guidance, a partial one differs from both."""
+    model = tiny(kl_dir)
+    torch.manual_seed(0)
+    with torch.no_grad():  # the flow head starts at zero; random weights make it depend on the condition
+        for param in model.parameters():
+            if param.requires_grad:
+                param.add_(0.05 * torch.randn_like(param))
+    labels = torch.tensor([0, 2])
+    flow = FlowSamplingConfig(steps=4)
+    settings = SamplingConfig(cfg=3.0, seed=1)
+
+    def run(**interval):
+        return FlowScaleSampler(settings, flow.replace(**interval))(model, labels)
+    full, partial = run(), run(cfg_interval_start=0.0, cfg_interval_end=0.5)
+    torch.testing.assert_close(run(cfg_interval_start=0.0, cfg_interval_end=1.0), full)
+    unguided = FlowScaleSampler(settings.replace(cfg=1.0), flow)(model, labels)
+    # the grid is 0, .25, .5, .75: [0.9, 1] holds no step start, so no step is guided
+    torch.testing.assert_close(run(cfg_interval_start=0.9, cfg_interval_end=1.0), unguided, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(partial, full) and not torch.allclose(partial, unguided)
+
+
 def test_training_lowers_the_flow_loss_and_logs_each_scale(kl_dir):
     model = tiny(kl_dir).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
@@ -105,7 +128,8 @@ def test_trainer_and_sample_cli_end_to_end(tmp_path):
     assert metrics["step"] == 2 and "flow_s0" in metrics
     grid, strip = tmp_path / "grid.png", tmp_path / "strip.png"
     code = main(["sample", "--ckpt", str(tmp_path / "flowar"), "--prompt", "a blue square", "--n", "2", "--cfg", "2",
-                 "--flow-steps", "3", "--flow-solver", "heun", "--out", str(grid), "--save-scales", str(strip)])
+                 "--flow-steps", "3", "--flow-solver", "heun", "--flow-cfg-interval-end", "0.7", "--out", str(grid),
+                 "--save-scales", str(strip)])
     assert code == 0 and grid.is_file()
     assert Image.open(strip).size[0] == 5 * 32 + 6 * 2
     assert main(["sample", "--ckpt", str(tmp_path / "flowar"), "--prompt", "x", "--flow-steps", "0",
