@@ -120,13 +120,13 @@ def test_max_seconds_and_24k(paths, tmp_path):
 def test_loader_batches(paths, tmp_path):
     write_audio_dataset(tmp_path / "out", RATE, ("speech_en", "tuxpaint"), paths=paths, progress=False)
     batches = list(make_audio_loader(str(tmp_path / "out"), 2, RATE, 0.5, infinite=False, shuffle_buffer=0))
-    assert [len(b["caption"]) for b in batches] == [2, 2, 1]
+    assert [len(b["text"]) for b in batches] == [2, 2, 1]
     for batch in batches:
-        assert batch["audio"].shape == (len(batch["caption"]), 1, 8000) and batch["audio"].dtype == torch.float32
+        assert batch["audio"].shape == (len(batch["text"]), 1, 8000) and batch["audio"].dtype == torch.float32
         assert batch["lengths"].dtype == torch.int64 and batch["audio"].abs().max() <= 1
         for audio, length in zip(batch["audio"][:, 0], batch["lengths"].tolist(), strict=True):
             assert 0 < length <= 8000 and not audio[length:].any() and audio[:length].abs().max() > 0.4
-    lengths = {c: n for b in batches for c, n in zip(b["caption"], b["lengths"].tolist(), strict=True)}
+    lengths = {c: n for b in batches for c, n in zip(b["text"], b["lengths"].tolist(), strict=True)}
     assert lengths["speech, English: Hello world."] == 8000, "0.7 s clip cropped to 0.5 s"
     assert lengths["sound: a simple beep tone"] < 8000, "0.4 s clip zero-padded"
     first = [next(iter(make_audio_loader(str(tmp_path / "out"), 3, RATE, 0.25, seed=4)))["audio"] for _ in range(2)]
@@ -147,7 +147,7 @@ def test_corrupt_and_wrong_rate_flac_are_skipped_and_counted(tmp_path):
     messages = [str(w.message) for w in warned]
     assert "corrupt.flac is not readable audio" in messages[0] and "slow.flac is at 8000 Hz" in messages[1]
     assert "skipped 3 " in messages[-1] and "end of pass" in messages[-1]
-    assert [b["caption"] for b in batches] == [["good"]]
+    assert [b["text"] for b in batches] == [["good"]]
 
 
 def test_missing_packages_fail_before_writing(paths, tmp_path):

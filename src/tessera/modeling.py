@@ -34,6 +34,7 @@ class TesseraModel(nn.Module):
     asset_fields: ClassVar[tuple[str, ...]] = ()
     frozen_submodules: ClassVar[tuple[str, ...]] = ()
     ema_follows_live: ClassVar[tuple[str, ...]] = ()  # key prefixes whose EMA copy tracks the live weights
+    modality: ClassVar[str] = "image"
 
     def __init__(self, config: Config):
         super().__init__()

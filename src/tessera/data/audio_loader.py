@@ -18,7 +18,7 @@ from .shards import sample_pipeline
 
 
 def decode_audio_sample(raw: dict[str, Any], sample_rate: int) -> dict[str, Any]:
-    """{"audio": float32 (T,) in [-1, 1], "caption": str, "meta": dict} from the flac/txt/json
+    """{"audio": float32 (T,) in [-1, 1], "text": str, "meta": dict} from the flac/txt/json
     members; raises on an unreadable member, or a FLAC that is empty or not at `sample_rate` Hz."""
     try:
         audio, rate = sf.read(io.BytesIO(raw["flac"]), dtype="float32", always_2d=True)
@@ -31,7 +31,7 @@ def decode_audio_sample(raw: dict[str, Any], sample_rate: int) -> dict[str, Any]
     meta = json.loads(raw["json"])
     if not isinstance(meta, dict):
         raise ValueError(f"json member is a {type(meta).__name__}, not an object")
-    return {"audio": audio.mean(axis=1), "caption": raw["txt"].decode("utf-8"), "meta": meta}
+    return {"audio": audio.mean(axis=1), "text": raw["txt"].decode("utf-8"), "meta": meta}
 
 
 def _crop_or_pad(samples: Iterable[dict[str, Any]], length: int, seed: int) -> Iterator[dict[str, Any]]:
@@ -49,10 +49,10 @@ def _crop_or_pad(samples: Iterable[dict[str, Any]], length: int, seed: int) -> I
 
 
 def collate_audio(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack cropped samples: {"audio": (B, 1, T), "lengths": (B,) int64, "caption": list, "meta": list}."""
+    """Stack cropped samples: {"audio": (B, 1, T), "lengths": (B,) int64, "text": list, "meta": list}."""
     return {"audio": torch.from_numpy(np.stack([s["audio"] for s in samples]))[:, None],
             "lengths": torch.tensor([s["length"] for s in samples], dtype=torch.int64),
-            "caption": [s["caption"] for s in samples],
+            "text": [s["text"] for s in samples],
             "meta": [s["meta"] for s in samples]}
 
 
@@ -60,7 +60,7 @@ def make_audio_loader(shards: str, batch_size: int, sample_rate: int, clip_secon
                       seed: int = 0, shuffle_buffer: int = 1000,
                       infinite: bool = True) -> torch.utils.data.DataLoader:
     """Batches `{"audio": (B, 1, T) float32 in [-1, 1], "lengths": (B,) int64 real samples before
-    the zero padding, "caption": list[str], "meta": list[dict]}` with T = round(clip_seconds *
+    the zero padding, "text": list[str], "meta": list[dict]}` with T = round(clip_seconds *
     sample_rate) from the audio shard folder `shards`.
 
     Longer clips are cropped at a seeded random offset, shorter ones zero-padded. Unreadable

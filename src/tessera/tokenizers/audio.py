@@ -29,6 +29,7 @@ class AudioCodecConfig(Config):
     """Mono audio codec. Hop = prod(strides) samples per frame; frame_rate = sample_rate / hop."""
 
     sample_rate: int = 16000  # 16000 or 24000
+    clip_seconds: float = 1.0  # training crop length (EnCodec trains on 1 s segments)
     channels: int = 32  # base conv width (SEANet n_filters), doubled after every strided level
     strides: tuple[int, ...] = (2, 4, 5, 8)  # encoder downsampling, first to last (decoder mirrors)
     residual_units: int = 1  # SEANet residual units per level, dilations dilation_base**j
@@ -65,6 +66,7 @@ class AudioCodecConfig(Config):
     def validate(self) -> None:
         if self.sample_rate not in SAMPLE_RATES:
             raise ConfigError(f"sample_rate={self.sample_rate} is not supported: use 16000 or 24000")
+        check_range("clip_seconds", self.clip_seconds, 0.0, low_open=True)
         for name in ("channels", "residual_units", "dilation_base", "code_dim", "num_codebooks", "disc_channels"):
             check_range(name, getattr(self, name), 1)
         if not self.strides or min(self.strides) < 1:
@@ -89,6 +91,7 @@ class AudioCodec(TesseraModel):
     """(B, 1, T) mono audio <-> (B, K, ceil(T / hop)) code ids of a K-stage residual VQ."""
 
     kind = "audio_codec"
+    modality = "audio"
     config_class = AudioCodecConfig
     ema_follows_live = ("quantizer.",)
     presets = {
@@ -127,6 +130,14 @@ class AudioCodec(TesseraModel):
     @property
     def vocab_size(self) -> int:
         return self.config.codebook_size
+
+    @property
+    def sample_rate(self) -> int:
+        return self.config.sample_rate
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.config.clip_seconds
 
     def num_frames(self, num_samples: int) -> int:
         """Code frames for a waveform of `num_samples`: ceil(num_samples / hop)."""

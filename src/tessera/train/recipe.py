@@ -19,7 +19,8 @@ class ModelSection(Config):
 @dataclass
 class DataSection(Config):
     shards: str = ""
-    resolution: int = 0  # 0: the model's image_size
+    resolution: int = 0  # images: 0 = the model's image_size
+    clip_seconds: float = 0.0  # audio: crop length; 0 = the model's clip_seconds
     shuffle_buffer: int = 1000
     num_workers: int = 0
 

@@ -47,6 +47,22 @@ def _prepare_assets(recipe: Recipe, run_dir: Path, is_main: bool) -> dict[str, A
     return config
 
 
+def _loader(recipe: Recipe, model: TesseraModel, seed: int):
+    """Infinite training batches of the model's modality from `data.shards`."""
+    data, batch_size = recipe.data, recipe.train.batch_size
+    if model.modality == "audio":
+        from ..data.audio_loader import make_audio_loader
+        return make_audio_loader(data.shards, batch_size, model.sample_rate, data.clip_seconds or model.clip_seconds,
+                                 num_workers=data.num_workers, seed=seed, shuffle_buffer=data.shuffle_buffer)
+    resolution = data.resolution or getattr(model.config, "image_size", 0)
+    return make_image_loader(data.shards, batch_size, resolution, num_workers=data.num_workers, seed=seed,
+                             shuffle_buffer=data.shuffle_buffer)
+
+
+def _batch_size(batch: dict[str, Any]) -> int:
+    return next(v.shape[0] for v in batch.values() if isinstance(v, torch.Tensor))
+
+
 def _optimizer(model: TesseraModel, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not norms, biases or gains)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -94,9 +110,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
     raw_model: TesseraModel = accelerator.unwrap_model(model)
-    resolution = recipe.data.resolution or getattr(raw_model.config, "image_size", 0)
-    loader = make_image_loader(recipe.data.shards, t.batch_size, resolution, num_workers=recipe.data.num_workers,
-                               seed=t.seed + step, shuffle_buffer=recipe.data.shuffle_buffer)
+    loader = _loader(recipe, raw_model, seed=t.seed + step)
     if accelerator.is_main_process:
         accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
@@ -147,7 +161,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                         logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                seen += batch["image"].shape[0] if "image" in batch else batch["tokens"].shape[0]
+                seen += _batch_size(batch)
                 for key, value in {"loss": loss.detach(), **logs}.items():  # summed on device: no sync per step
                     sums[key] = sums.get(key, 0.0) + value / t.grad_accum
             scheduler.step()
