@@ -15,6 +15,7 @@ MASKS = {
     "bidirectional": AttentionMask.bidirectional(),
     "block_causal": AttentionMask.block_causal([1, 4, 6]),
     "window_sink": AttentionMask.window_sink(window=3, n_sink=2),
+    "band": AttentionMask.band(window=2, n_sink=1),
 }
 
 
@@ -27,6 +28,8 @@ def rule(kind: str, q: int, k: int) -> bool:
     if kind == "block_causal":
         block = lambda i: 0 if i < 1 else (1 if i < 5 else (2 if i < L else 99))  # noqa: E731  (past L: unused slots)
         return block(k) <= block(q)
+    if kind == "band":
+        return abs(q - k) <= 2 or k < 1
     return k <= q and (q - k < 3 or k < 2)
 
 

@@ -12,16 +12,20 @@ from typing import Literal
 
 import torch
 
-MaskKind = Literal["causal", "bidirectional", "block_causal", "window_sink"]
+MaskKind = Literal["causal", "bidirectional", "block_causal", "window_sink", "band"]
 
 
 @dataclass(frozen=True, eq=False)
 class AttentionMask:
-    """One of: causal, bidirectional, block-causal (by per-position block id), window+sink."""
+    """One of: causal, bidirectional, block-causal (by per-position block id), window+sink, band.
+
+    `band` is bidirectional within `window` positions either side (MAGNeT's restricted context for
+    its finer codebooks), plus the first `n_sink` positions (e.g. condition tokens) seen by all.
+    """
 
     kind: MaskKind
     block_ids: torch.Tensor | None = None  # block_causal: (L,) non-decreasing block index per position
-    window: int = 0  # window_sink: a query sees the last `window` positions (itself included)
+    window: int = 0  # window_sink: a query sees the last `window` positions (itself included); band: |q - k| <= window
     n_sink: int = 0  # window_sink: ... plus the first `n_sink` positions
 
     @staticmethod
@@ -44,6 +48,12 @@ class AttentionMask:
             raise ValueError(f"window_sink needs window >= 1 and n_sink >= 0, got {window}, {n_sink}")
         return AttentionMask("window_sink", window=window, n_sink=n_sink)
 
+    @staticmethod
+    def band(window: int, n_sink: int = 0) -> "AttentionMask":
+        if window < 0 or n_sink < 0:
+            raise ValueError(f"band needs window >= 0 and n_sink >= 0, got {window}, {n_sink}")
+        return AttentionMask("band", window=window, n_sink=n_sink)
+
     def allowed(self, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         """Broadcasting boolean rule on absolute positions (also a FlexAttention mask_mod body)."""
         if self.kind == "bidirectional":
@@ -55,6 +65,8 @@ class AttentionMask:
             last = self.block_ids.numel() - 1
             kv_block = self.block_ids[kv_idx.clamp(max=last)]
             return (kv_idx <= last) & (kv_block <= self.block_ids[q_idx.clamp(max=last)])
+        if self.kind == "band":
+            return ((q_idx - kv_idx).abs() <= self.window) | (kv_idx < self.n_sink)
         causal = kv_idx <= q_idx
         return causal & ((q_idx - kv_idx < self.window) | (kv_idx < self.n_sink))
 
