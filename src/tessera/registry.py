@@ -18,6 +18,9 @@ MODEL_CLASSES: dict[str, str] = {
     "next_token": "tessera.generators.next_token:NextTokenGenerator",
     "next_scale": "tessera.generators.next_scale:NextScaleGenerator",
     "flow_ar": "tessera.generators.flow_ar:FlowARGenerator",
+    "maskgit": "tessera.generators.masked:MaskGITGenerator",
+    "magnet": "tessera.generators.masked:MAGNeTGenerator",
+    "next_token_streams": "tessera.generators.multistream:StreamNextTokenGenerator",
 }
 
 
