@@ -110,7 +110,6 @@ def training_rows(shape: Shape, batch: int, device: torch.device, warmup: int, r
                      "samples_per_s": batch / stats["median_s"], **stats})
         print(f"{name} training batch {batch}: {rows[-1]['tokens_per_s']:.0f} tokens/s, "
               f"{rows[-1]['samples_per_s']:.1f} samples/s", flush=True)
-        del model, optimizer, params
         if cuda:
             torch.cuda.empty_cache()
     return rows

@@ -127,7 +127,7 @@ def test_magnet_hybrid_prefix_is_kept_and_rescoring_ranks_positions(codec_dir):
     # with weight 1 and no Gumbel noise, the rescorer alone decides which positions are kept first:
     # it prefers late frames, so after the first step of stream 0 the earliest frames are still masked
     first = []
-    rescorer = lambda codes, k: torch.arange(codes.shape[-1], dtype=torch.float32).expand(codes.shape[0], -1)  # noqa: E731
+    rescorer = lambda codes, k, cond: torch.arange(codes.shape[-1], dtype=torch.float32).expand(codes.shape[0], -1)  # noqa: E731
     sampler = StreamMaskedSampler(SamplingConfig(seed=0), MaskedSamplingConfig.magnet(
         stage_steps=[4, 1, 1, 1], span=1, rescore_weight=1.0), rescorer=rescorer,
         on_step=lambda k, codes: first.append(codes[0, 0].clone()) if not first else None)
@@ -162,3 +162,73 @@ def test_wrong_tokenizer_kinds_are_named(vq_dir, codec_dir):
         build_model("magnet", "tiny", tokenizer=str(vq_dir))
     with pytest.raises(ConfigError, match="stage_steps"):
         MaskedSamplingConfig.from_dict({"stage_steps": []})
+
+
+def test_train_and_sample_cli_end_to_end(tmp_path, audio_shards):
+    import soundfile
+    from PIL import Image
+
+    from tessera.cli import main
+    from tessera.data.shapes import write_shapes_dataset
+    from tessera.train.recipe import Recipe
+    from tessera.train.trainer import train
+
+    quick = {"steps": 2, "batch_size": 2, "log_every": 1, "ckpt_every": 2, "sample_every": 2, "warmup_steps": 1}
+    shapes = tmp_path / "shapes"
+    write_shapes_dataset(shapes, n=8, resolution=32, seed=0)
+    train(Recipe.from_dict({"model": {"kind": "vq", "preset": "tiny"}, "data": {"shards": str(shapes)},
+                            "train": quick, "out": str(tmp_path / "vq")}), progress=False)
+    metrics = train(Recipe.from_dict({
+        "model": {"kind": "maskgit", "preset": "tiny", "config": {"tokenizer": str(tmp_path / "vq"), "cond": "text",
+                                                                  "text_tokenizer": "auto"}},
+        "data": {"shards": str(shapes)}, "train": quick, "out": str(tmp_path / "maskgit")}), progress=False)
+    assert metrics["step"] == 2 and "acc" in metrics
+    grid = tmp_path / "grid.png"
+    assert main(["sample", "--ckpt", str(tmp_path / "maskgit"), "--prompt", "a red circle", "--n", "2", "--steps", "4",
+                 "--cfg", "2", "--cfg-schedule", "increasing", "--out", str(grid)]) == 0
+    assert Image.open(grid).size == (2 * 32 + 3 * 2, 32 + 2 * 2)
+
+    train(Recipe.from_dict({"model": {"kind": "audio_codec", "preset": "tiny", "config": {"clip_seconds": 0.1}},
+                            "data": {"shards": str(audio_shards)}, "train": quick, "out": str(tmp_path / "codec")}),
+          progress=False)
+    metrics = train(Recipe.from_dict({
+        "model": {"kind": "magnet", "preset": "tiny",
+                  "config": {"tokenizer": str(tmp_path / "codec"), "cond": "text", "text_tokenizer": "auto",
+                             "clip_seconds": 0.1}},
+        "data": {"shards": str(audio_shards)}, "train": quick, "out": str(tmp_path / "magnet")}), progress=False)
+    assert metrics["step"] == 2 and (tmp_path / "magnet" / "samples" / "step-0000002.wav").is_file()
+    wav = tmp_path / "tone.wav"
+    assert main(["sample", "--ckpt", str(tmp_path / "magnet"), "--prompt", "instrument note, sine", "--n", "2",
+                 "--duration", "0.05", "--steps", "3,1,1,1", "--out", str(wav)]) == 0
+    audio, rate = soundfile.read(str(tmp_path / "tone-1.wav"))
+    assert rate == 16000 and len(audio) == 800
+    assert main(["sample", "--ckpt", str(tmp_path / "magnet"), "--duration", "5", "--out", str(wav)]) == 2
+    assert main(["sample", "--ckpt", str(tmp_path / "maskgit"), "--duration", "5", "--out", str(wav)]) == 2
+
+
+def test_hybrid_and_rescoring_with_a_multistream_ar_model(codec_dir, tmp_path):
+    from tessera.cli import main
+
+    magnet(codec_dir).save_pretrained(tmp_path / "magnet")
+    torch.manual_seed(0)
+    build_model("next_token_streams", "tiny", tokenizer=str(codec_dir), num_classes=3,
+                clip_seconds=0.05).save_pretrained(tmp_path / "ar")
+    build_model("vq", "tiny").save_pretrained(tmp_path / "vq")
+    wav = tmp_path / "hybrid.wav"
+    common = ["sample", "--ckpt", str(tmp_path / "magnet"), "--n", "1", "--steps", "2,1,1,1", "--out", str(wav)]
+    assert main(common + ["--rescore-ckpt", str(tmp_path / "ar"), "--hybrid-seconds", "0.02"]) == 0 and wav.is_file()
+    assert main(common + ["--rescore-ckpt", str(tmp_path / "ar"), "--masked-rescore-weight", "0.5"]) == 0
+    assert main(common + ["--rescore-ckpt", str(tmp_path / "vq")]) == 2  # not an AR audio model
+    assert main(common + ["--hybrid-seconds", "0.02"]) == 2  # no AR model to start with
+    # the hybrid head is the AR model's own sample, kept by masked decoding
+    from tessera.samplers.autoregressive import AutoregressiveSampler
+    from tessera.samplers.masked import HybridSampler
+    ar = TesseraModel.from_pretrained(tmp_path / "ar", ema=False).eval()
+    model = magnet(codec_dir)
+    settings = SamplingConfig(seed=3)
+    hybrid = HybridSampler(StreamMaskedSampler(settings, MaskedSamplingConfig.magnet(stage_steps=[2, 1, 1, 1])),
+                           ar, AutoregressiveSampler(settings), 0.02)
+    codes = hybrid(model, torch.tensor([1]))
+    ar.set_duration(0.02)
+    head = ar.units_to_codes(AutoregressiveSampler(settings)(ar, torch.tensor([1])))
+    assert torch.equal(codes[:, :, : head.shape[-1]], head) and (codes < model.vocab_size).all()

@@ -22,12 +22,16 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class: type[Config]
                                  f"(default {default})")
 
 
+def flags_given(args: argparse.Namespace, config_class: type[Config], prefix: str = "") -> dict:
+    """{field: value} for the config flags that were given (strings, parsed by the config later)."""
+    dest = f"cfg_{prefix.replace('-', '_')}"
+    return {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(config_class)
+            if getattr(args, dest + f.name) is not None}
+
+
 def config_from_flags(args: argparse.Namespace, config_class: type[Config], prefix: str = "") -> Config:
     """Build the config from the flags that were given (strings are parsed by the config)."""
-    dest = f"cfg_{prefix.replace('-', '_')}"
-    given = {f.name: getattr(args, dest + f.name) for f in dataclasses.fields(config_class)
-             if getattr(args, dest + f.name) is not None}
-    return config_class.from_dict(given)
+    return config_class.from_dict(flags_given(args, config_class, prefix))
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -45,14 +49,26 @@ def _sample(args: argparse.Namespace) -> None:
     from .sample import generate_to_file
     from .samplers.flow import FlowSamplingConfig
     from .samplers.logits import SamplingConfig
-    settings = config_from_flags(args, SamplingConfig)
+    from .samplers.masked import MaskedSamplingConfig
+    given = flags_given(args, SamplingConfig)
+    SamplingConfig.from_dict(given)  # bad values fail before the checkpoint loads
     flow = config_from_flags(args, FlowSamplingConfig, "flow-")
+    masked = flags_given(args, MaskedSamplingConfig, "masked-")
+    if args.steps is not None:
+        try:
+            counts = [int(v) for v in args.steps.split(",")]
+        except ValueError:
+            raise ConfigError(f"--steps={args.steps!r} must be a number or a comma-separated list") from None
+        masked.update(steps=counts[0], stage_steps=counts)
+    MaskedSamplingConfig.from_dict(masked)
     if args.n < 1:
         raise ConfigError(f"--n={args.n} must be at least 1")
     values = args.prompt or args.class_
-    out = generate_to_file(args.ckpt, values, args.n, settings, args.out, use_ema=not args.no_ema,
-                           device=args.device, batch_size=args.batch_size, save_scales=args.save_scales, flow=flow)
-    print(f"wrote {out}")
+    outs = generate_to_file(args.ckpt, values, args.n, given, args.out, use_ema=not args.no_ema,
+                            device=args.device, batch_size=args.batch_size, save_scales=args.save_scales, flow=flow,
+                            masked_given=masked, duration=args.duration, rescore_ckpt=args.rescore_ckpt,
+                            hybrid_seconds=args.hybrid_seconds)
+    print(f"wrote {', '.join(map(str, outs))}")
 
 
 def _quickstart(args: argparse.Namespace) -> None:
@@ -66,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .eval.commands import register as register_eval
     from .samplers.flow import FlowSamplingConfig
     from .samplers.logits import SamplingConfig
+    from .samplers.masked import MaskedSamplingConfig
     parser = argparse.ArgumentParser(prog="tessera", description="Autoregressive and masked generation on one trunk.")
     sub = parser.add_subparsers(dest="command", required=True)
     register_data(sub)
@@ -77,19 +94,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=200 model.config.trunk.dim=128")
     p.set_defaults(func=_train)
 
-    p = sub.add_parser("sample", help="sample a grid from a checkpoint")
+    p = sub.add_parser("sample", help="sample a PNG grid (images) or WAV files (audio) from a checkpoint")
     p.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
     p.add_argument("--prompt", action="append", help="caption (repeatable; cycled over the batch)")
     p.add_argument("--class", dest="class_", action="append", help="class name or index (repeatable)")
     p.add_argument("--n", type=int, default=16, help="number of images")
-    p.add_argument("--out", default="samples.png", help="output PNG grid")
+    p.add_argument("--out", default="samples.png", help="output PNG grid, or WAV path for audio models")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     p.add_argument("--save-scales", default=None, metavar="PNG",
                    help="next-scale models: also write the coarse-to-fine strip (a row per sample, a column per scale)")
+    p.add_argument("--duration", type=float, default=None, help="audio models: seconds to generate")
+    p.add_argument("--rescore-ckpt", default=None, help="MAGNeT: a next_token_streams model on the same codec that "
+                   "rescores tokens (weight --masked-rescore-weight, default 0.3 here) and starts hybrid decoding")
+    p.add_argument("--hybrid-seconds", type=float, default=None,
+                   help="MAGNeT: generate the first seconds autoregressively with --rescore-ckpt, the rest masked")
+    p.add_argument("--steps", default=None, help="masked models: decoding steps (MaskGIT), or per stream "
+                                                 "coarse to fine for MAGNeT, e.g. 20,10,10,10")
     add_config_flags(p, SamplingConfig)
     add_config_flags(p, FlowSamplingConfig, "flow-")
+    add_config_flags(p, MaskedSamplingConfig, "masked-")
     p.set_defaults(func=_sample)
 
     register_eval(sub)

@@ -287,10 +287,24 @@ class StreamNextTokenGenerator(AutoregressiveGenerator):
         return loss, logs
 
     # ----- output -----------------------------------------------------------------------------------
+    def units_to_codes(self, units: torch.Tensor) -> torch.Tensor:
+        """Sampled units (B, S, U) -> codes (B, K, T) through the pattern."""
+        frames = patterns.frames(self.pattern, self.num_codebooks, units.shape[1])
+        return patterns.revert(units, self.pattern, frames, self.num_codebooks)
+
+    @torch.no_grad()
+    def code_log_probs(self, prefix: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced log-probabilities (B, K, T) of codes (B, K, T) after condition tokens `prefix`
+        (`special` may stand for codes not known yet; their own entries are meaningless)."""
+        sequence, _ = patterns.build(codes, self.pattern, self.special)
+        logits = self.logits_all(prefix, sequence[:, :-1]).float()
+        picked = logits.log_softmax(-1).gather(-1, sequence.clamp(max=self.special - 1)[..., None])[..., 0]
+        return patterns.revert(picked, self.pattern, codes.shape[-1], self.num_codebooks)
+
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:
         """Units (B, S, U) -> codes (B, K, T) through the pattern -> waveforms (B, 1, samples)."""
-        frames = patterns.frames(self.pattern, self.num_codebooks, units.shape[1])
-        codes = patterns.revert(units, self.pattern, frames, self.num_codebooks)
+        codes = self.units_to_codes(units)
+        frames = codes.shape[-1]
         if codes.min() < 0 or codes.max() >= self.special:
             raise ValueError(f"units hold ids outside [0, {self.special}) in valid slots of the {self.pattern} pattern")
         length = self.num_samples if frames == self.num_frames else None

@@ -156,14 +156,14 @@ class MaskedSampler:
 
 class StreamMaskedSampler(MaskedSampler):
     """MAGNeT decoding: stream k (coarse to fine) is decoded in `stage_steps[k]` steps with streams
-    < k fixed and streams > k masked; `rescorer(codes, k)` (optional) gives an external model's
-    log-probs (B, T) of stream k in candidate codes, mixed in by `rescore_weight`; `init` (B, K, T)
+    < k fixed and streams > k masked; `rescorer(codes, k, cond)` (optional, e.g. `ARRescorer`) gives
+    an external model's log-probs (B, T) of stream k in candidate codes, mixed in by `rescore_weight`; `init` (B, K, T)
     fixes known frames (e.g. an autoregressive prefix: hybrid decoding). `on_step(k, codes)` sees
     the codes after every step of every stream."""
 
     def __init__(self, settings: SamplingConfig, masked: MaskedSamplingConfig | None = None,
                  on_step: StepCallback | None = None,
-                 rescorer: Callable[[torch.Tensor, int], torch.Tensor] | None = None):
+                 rescorer: Callable[[torch.Tensor, int, object], torch.Tensor] | None = None):
         super().__init__(settings, masked or MaskedSamplingConfig.magnet(), on_step)
         self.rescorer = rescorer
 
@@ -185,9 +185,47 @@ class StreamMaskedSampler(MaskedSampler):
 
             predict = self.guided_predict(
                 model, cond, lambda prefix, tokens, k=k: model.stage_logits(prefix, with_stream(tokens), k))
-            rescore = (lambda tokens, k=k: self.rescorer(with_stream(tokens), k)) if self.rescorer else None
+            rescore = (lambda tokens, k=k: self.rescorer(with_stream(tokens), k, cond)) if self.rescorer else None
             codes[:, k] = masked_decode(predict, codes[:, k], model.mask_id, self.masked.stage_steps[k], self.settings,
                                         self.masked, self.guidance, generator, rescore,
                                         on_step=(lambda t, tok, k=k: self.on_step(k, with_stream(tok)))
                                         if self.on_step else None)
         return codes
+
+
+class ARRescorer:
+    """Model rescoring (MAGNeT paper, never released by audiocraft): an autoregressive multi-stream
+    model on the same codec scores candidate codes by teacher forcing. Streams not decoded yet
+    (the masked generator's mask id) are given to it as its own empty-slot token."""
+
+    def __init__(self, ar_model, mask_id: int):
+        self.ar = ar_model
+        self.mask_id = mask_id
+
+    def __call__(self, codes: torch.Tensor, k: int, cond) -> torch.Tensor:
+        keep = torch.zeros(condition_size(cond), dtype=torch.bool, device=codes.device)
+        prefix = self.ar.prefix_embeddings(cond, keep)
+        codes = codes.masked_fill(codes == self.mask_id, self.ar.special)
+        return self.ar.code_log_probs(prefix, codes)[:, k]
+
+
+class HybridSampler:
+    """Hybrid-MAGNeT: the first `seconds` of every stream generated autoregressively by `ar_model`
+    (a multi-stream next-token model on the same codec, with `ar_sampler`), the rest by masked
+    decoding with that prefix held fixed."""
+
+    def __init__(self, masked_sampler: StreamMaskedSampler, ar_model, ar_sampler, seconds: float):
+        self.masked_sampler = masked_sampler
+        self.ar, self.ar_sampler, self.seconds = ar_model, ar_sampler, seconds
+
+    @torch.no_grad()
+    def __call__(self, model, cond) -> torch.Tensor:
+        if self.seconds >= model.frames / model.tokenizer.frame_rate:
+            raise ConfigError(f"--hybrid-seconds={self.seconds} leaves nothing for masked decoding of a "
+                              f"{model.frames / model.tokenizer.frame_rate:.2f} s clip")
+        self.ar.set_duration(self.seconds)
+        head = self.ar.units_to_codes(self.ar_sampler(self.ar, cond))
+        init = torch.full((head.shape[0], model.num_streams, model.frames), model.mask_id, dtype=torch.long,
+                          device=head.device)
+        init[:, :, : head.shape[-1]] = head
+        return self.masked_sampler(model, cond, init=init)
