@@ -5,7 +5,6 @@ import os
 import uuid
 from pathlib import Path
 
-import numpy as np
 import soundfile
 import torch
 
@@ -38,8 +37,3 @@ def join_with_silence(waves: torch.Tensor, sample_rate: int, gap_seconds: float 
         parts.append(wave.reshape(1, -1))
     return torch.cat(parts, 1)
 
-
-def read_wav(path: str | Path) -> tuple[np.ndarray, int]:
-    """(samples float32 mono, sample_rate) of an audio file."""
-    audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    return audio.mean(axis=1), rate

@@ -23,8 +23,16 @@ class Sampler(Protocol):
     def __call__(self, model: "Generator", cond: Condition) -> torch.Tensor: ...
 
 
+# Batch keys that hold the samples themselves; with cond=none their count is the condition.
+_SAMPLE_KEYS = ("tokens", "codes", "image", "audio")
+
+
 class Generator(TesseraModel):
-    """A trainable model that can also sample: `sample(cond, sampler)` returns images."""
+    """A trainable model that can also sample: `sample(cond, sampler)` returns images or audio.
+
+    Every generator holds its condition module as `self.prefix` (`ConditionedConfig.make_prefix`);
+    the condition helpers below work through it.
+    """
 
     def sample(self, cond: Condition, sampler: Sampler) -> torch.Tensor:
         """Run `sampler` and decode its units to the output signal (images in [-1, 1])."""
@@ -35,7 +43,13 @@ class Generator(TesseraModel):
 
     def parse_condition(self, values: list[str] | None, n: int) -> Condition:
         """Turn user strings (prompts or class names/indices) into a batch condition of size n."""
-        raise NotImplementedError
+        return self.prefix.parse(values, n)
+
+    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
+        """(B, P, dim) condition tokens; rows where `drop` is True get the null condition."""
+        if isinstance(cond, torch.Tensor):
+            cond = cond.to(drop.device)
+        return self.prefix(cond, drop)
 
     def batch_condition(self, batch: dict[str, Any]) -> Condition:
         """The condition of a training batch, by `config.cond`: class ids, captions or the batch size."""
@@ -43,7 +57,13 @@ class Generator(TesseraModel):
             return batch["class"]
         if self.config.cond == "text":
             return batch["text"]
-        return condition_size(batch["tokens"] if "tokens" in batch else batch["image"])
+        return condition_size(next(batch[key] for key in _SAMPLE_KEYS if key in batch))
+
+    def condition_dropout(self, b: int, device: torch.device | str) -> torch.Tensor:
+        """(b,) rows whose condition becomes null: probability `cond_drop` in training (for CFG), none in eval."""
+        if not self.training:
+            return torch.zeros(b, dtype=torch.bool, device=device)
+        return torch.rand(b, device=device) < self.config.cond_drop
 
 
 class AutoregressiveGenerator(Generator):
@@ -57,12 +77,13 @@ class AutoregressiveGenerator(Generator):
     unit_size: int
     has_condition: bool
 
-    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
-        """(B, P, dim) condition tokens; rows where `drop` is True get the null condition."""
-        raise NotImplementedError
+    @property
+    def prefix_length(self) -> int:
+        return self.prefix.length
 
     def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        raise NotImplementedError
+        """A static cache for the prefix and units 0..n-2 (the last unit is never fed back)."""
+        return self.trunk.new_cache(batch_size, self.prefix_length + self.n_units - 1, dtype, device)
 
     def logits_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         """Uncached: given n units, logits (B, n+1, unit_size, V) for units 0..n."""

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import ConfigError, check_range
 from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
-from .base import Condition, Generator, load_frozen_tokenizer
+from .base import Generator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
 from .heads import TokenHead
 from .masking import MaskSchedule, mask_ratio, random_token_mask, span_mask
@@ -61,18 +61,8 @@ class MaskedGenerator(Generator):
         self.prefix = config.make_prefix(config.trunk.dim)
         self.trunk = Trunk(config.trunk)
 
-    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(drop.device)
-        return self.prefix(cond, drop)
-
-    def parse_condition(self, values: list[str] | None, n: int) -> Condition:
-        return self.prefix.parse(values, n)
-
     def training_prefix(self, batch: dict[str, Any], b: int, device: torch.device) -> torch.Tensor:
-        drop = torch.rand(b, device=device) < self.config.cond_drop if self.training else \
-            torch.zeros(b, dtype=torch.bool, device=device)
-        return self.prefix_embeddings(self.batch_condition(batch), drop)
+        return self.prefix_embeddings(self.batch_condition(batch), self.condition_dropout(b, device))
 
     def hidden(self, prefix: torch.Tensor, x: torch.Tensor, positions: torch.Tensor, mask: AttentionMask) -> torch.Tensor:
         """Trunk outputs of the token part for condition tokens `prefix` followed by token inputs `x`."""

@@ -51,15 +51,11 @@ def random_token_mask(ratios: torch.Tensor, length: int, generator: torch.Genera
 def span_count_table(length: int, span: int) -> tuple[int, ...]:
     """For each percentage m in 0..100, the fewest span starts u whose expected union covers at least
     m% of `length` frames: 1 - C(T - L, u) / C(T, u) >= m / 100 (MAGNeT, appendix C)."""
-    table, u, covered = [], 0, 0.0
+    table, u, keep = [], 0, 1.0  # keep = prod_{j < u} (T - L - j) / (T - j): chance a frame stays unmasked
     for percent in range(101):
-        while covered < percent / 100 and u < length:
+        while 1.0 - keep < percent / 100 and u < length:
+            keep *= max(length - span - u, 0) / (length - u)
             u += 1
-            # 1 - prod_{j < u} (T - L - j) / (T - j), computed without huge binomials
-            keep = 1.0
-            for j in range(u):
-                keep *= max(length - span - j, 0) / (length - j)
-            covered = 1.0 - keep
         table.append(max(u, 1))
     return tuple(table)
 

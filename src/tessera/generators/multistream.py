@@ -30,8 +30,8 @@ from ..nn.cache import KVCache
 from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from . import patterns
-from .base import AutoregressiveGenerator, Condition, load_frozen_tokenizer
-from .conditioning import ConditionedConfig, condition_size
+from .base import AutoregressiveGenerator, load_frozen_tokenizer
+from .conditioning import ConditionedConfig
 from .heads import TokenHead
 from .patterns import PatternName
 
@@ -197,18 +197,6 @@ class StreamNextTokenGenerator(AutoregressiveGenerator):
         return self._step_logits(h[:, p - 1:], steps)
 
     # ----- protocol used by samplers ----------------------------------------------------------------
-    @property
-    def prefix_length(self) -> int:
-        return self.prefix.length
-
-    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(drop.device)
-        return self.prefix(cond, drop)
-
-    def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        return self.trunk.new_cache(batch_size, self.prefix_length + self.n_units - 1, dtype, device)
-
     def logits_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         steps = torch.arange(units.shape[1], device=units.device)
         return self._sequence_logits(prefix, self._fill_holes(units, steps))
@@ -228,11 +216,6 @@ class StreamNextTokenGenerator(AutoregressiveGenerator):
         return self._step_logits(h, step + 1)[:, 0]
 
     # ----- training ----------------------------------------------------------------------------------
-    def batch_condition(self, batch: dict[str, Any]) -> Condition:
-        if self.config.cond == "none":
-            return condition_size(batch["codes"] if "codes" in batch else batch["audio"])
-        return super().batch_condition(batch)
-
     def codes_from_batch(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (B, K, T), real frames (B,)): given `codes` or encoded from `audio`; frames past
         `lengths` (samples, optional) are zero padding."""
@@ -263,9 +246,7 @@ class StreamNextTokenGenerator(AutoregressiveGenerator):
         codes = torch.where(inside, codes, torch.full_like(codes, self.special))
         seq, _ = patterns.build(codes, self.pattern, self.special)
         b = seq.shape[0]
-        drop = torch.rand(b, device=seq.device) < self.config.cond_drop if self.training else \
-            torch.zeros(b, dtype=torch.bool, device=seq.device)
-        prefix = self.prefix_embeddings(self.batch_condition(batch), drop)
+        prefix = self.prefix_embeddings(self.batch_condition(batch), self.condition_dropout(b, seq.device))
         logits = self._sequence_logits(prefix, seq[:, :-1]).float()  # (B, S, U, V)
         target = seq != self.special
         ce = F.cross_entropy(logits.flatten(0, 2), seq.clamp(max=self.special - 1).flatten(),
@@ -309,9 +290,6 @@ class StreamNextTokenGenerator(AutoregressiveGenerator):
             raise ValueError(f"units hold ids outside [0, {self.special}) in valid slots of the {self.pattern} pattern")
         length = self.num_samples if frames == self.num_frames else None
         return self.tokenizer.decode(codes, length=length)
-
-    def parse_condition(self, values: list[str] | None, n: int) -> Condition:
-        return self.prefix.parse(values, n)
 
     def extra_repr(self) -> str:
         return (f"pattern={self.pattern}, codebooks={self.num_codebooks}, vocab={self.special}, "

@@ -11,7 +11,7 @@ from ..config import ConfigError, check_range
 from ..nn.cache import KVCache
 from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
-from .base import AutoregressiveGenerator, Condition, load_frozen_tokenizer
+from .base import AutoregressiveGenerator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
 from .heads import TokenHead, token_cross_entropy
 from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
@@ -103,18 +103,6 @@ class NextTokenGenerator(AutoregressiveGenerator):
         return self.n_units * self.unit_size
 
     # ----- protocol used by samplers ----------------------------------------------------------------
-    @property
-    def prefix_length(self) -> int:
-        return self.prefix.length
-
-    def prefix_embeddings(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(drop.device)
-        return self.prefix(cond, drop)
-
-    def new_cache(self, batch_size: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
-        return self.trunk.new_cache(batch_size, self.prefix_length + self.n_units - 1, dtype, device)
-
     def logits_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
         p = prefix.shape[1]
         x = torch.cat([prefix, self._embed_units(units).to(prefix.dtype)], dim=1)
@@ -152,9 +140,7 @@ class NextTokenGenerator(AutoregressiveGenerator):
         units = self.units_from_batch(batch)
         cond = self.batch_condition(batch)
         b = units.shape[0]
-        drop = torch.rand(b, device=units.device) < self.config.cond_drop if self.training else \
-            torch.zeros(b, dtype=torch.bool, device=units.device)
-        logits = self.logits_all(self.prefix_embeddings(cond, drop), units[:, :-1])
+        logits = self.logits_all(self.prefix_embeddings(cond, self.condition_dropout(b, units.device)), units[:, :-1])
         return token_cross_entropy(logits, units, self.config.label_smoothing, self.config.z_loss)
 
     # ----- output -----------------------------------------------------------------------------------
@@ -164,5 +150,3 @@ class NextTokenGenerator(AutoregressiveGenerator):
             raise ConfigError("this next_token model has no tokenizer to decode images with")
         return self.tokenizer.decode(tokens)
 
-    def parse_condition(self, values: list[str] | None, n: int) -> Condition:
-        return self.prefix.parse(values, n)

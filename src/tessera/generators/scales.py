@@ -92,15 +92,11 @@ class ScaleSequenceGenerator(ScaleWiseGenerator):
     # ----- embeddings ------------------------------------------------------------------------------
     def condition_vector(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:
         """(B, dim): the condition tokens (null where `drop`) mean-pooled."""
-        if isinstance(cond, torch.Tensor):
-            cond = cond.to(drop.device)
-        return self.prefix(cond, drop).mean(1)
+        return self.prefix_embeddings(cond, drop).mean(1)
 
     def training_condition(self, batch: dict[str, Any], b: int, device: torch.device) -> torch.Tensor:
         """The batch's pooled condition, dropped to null with probability `cond_drop` in training."""
-        drop = torch.rand(b, device=device) < self.config.cond_drop if self.training else \
-            torch.zeros(b, dtype=torch.bool, device=device)
-        return self.condition_vector(self.batch_condition(batch), drop)
+        return self.condition_vector(self.batch_condition(batch), self.condition_dropout(b, device))
 
     def embed_inputs(self, maps: torch.Tensor, k: int) -> torch.Tensor:
         """(B, C, pn_k, pn_k) input map of scale k -> (B, pn_k^2, dim) tokens."""
@@ -153,5 +149,3 @@ class ScaleSequenceGenerator(ScaleWiseGenerator):
         """(B, L, ...) -> one (B, pn_k^2, ...) slice per scale."""
         return list(per_token.split(self.sizes, 1))
 
-    def parse_condition(self, values: list[str] | None, n: int) -> Condition:
-        return self.prefix.parse(values, n)
