@@ -48,11 +48,17 @@ import torch  # noqa: E402
 from peers import llamagen  # noqa: E402
 from timing import environment, timed_call, write_json  # noqa: E402
 
-ROWS = ("tessera-eager", "tessera-compiled", "tessera-compiled-kv64", "llamagen-eager", "llamagen-compiled")
+ROWS = ("tessera-eager", "tessera-compiled", "tessera-compiled-kv64", "tessera-compiled-qknorm", "llamagen-eager",
+        "llamagen-compiled")
 # Run order: both eager rows first, then the compiled rows (compilation state never leaks
 # into an eager measurement). tessera-compiled attends over the whole static cache (one CUDA
-# graph); tessera-compiled-kv64 over 64-slot buckets (less KV read per step, one graph per bucket).
-RUN_ORDER = ("tessera-eager", "llamagen-eager", "tessera-compiled", "llamagen-compiled", "tessera-compiled-kv64")
+# graph; the decode kernel reads only the written slots); tessera-compiled-kv64 slices the cache
+# into 64-slot buckets (one graph per bucket). tessera's model matches LlamaGen's GPT-L
+# architecture (no QK-norm, SwiGLU hidden width a multiple of 256: 2816); the -qknorm row
+# switches on tessera's default QK-norm (two more reductions per block).
+RUN_ORDER = ("tessera-eager", "llamagen-eager", "tessera-compiled", "llamagen-compiled", "tessera-compiled-qknorm",
+             "tessera-compiled-kv64")
+LLAMAGEN_ARCHITECTURE = {"qk_norm": False, "multiple_of": 256}
 
 
 @dataclass
@@ -80,7 +86,8 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 # ----- the two sides ----------------------------------------------------------------------------
-def build_tessera(shape: Shape, args, compile: bool, kv_bucket: int | None) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+def build_tessera(shape: Shape, args, compile: bool, kv_bucket: int | None,
+                  qk_norm: bool = False) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     from tessera.registry import build_model
     from tessera.samplers.autoregressive import AutoregressiveSampler
     from tessera.samplers.logits import SamplingConfig
@@ -96,16 +103,18 @@ def build_tessera(shape: Shape, args, compile: bool, kv_bucket: int | None) -> t
         kwargs["kv_bucket"] = kv_bucket
     torch.manual_seed(args.seed)
     model = build_model("next_token", shape.tessera_preset, vocab_size=shape.vocab_size,
-                        grid_size=shape.grid_size, num_classes=shape.num_classes)
+                        grid_size=shape.grid_size, num_classes=shape.num_classes,
+                        trunk={**LLAMAGEN_ARCHITECTURE, "qk_norm": qk_norm})
     model = model.to(args.device, args.torch_dtype).eval()
     settings = SamplingConfig(temperature=1.0, top_k=0, top_p=1.0, cfg=args.cfg, seed=args.seed)
     sampler = AutoregressiveSampler(settings, **kwargs)
     info = {"params": sum(p.numel() for p in model.parameters()),
-            "sampler": {k: v for k, v in kwargs.items()}, "attention": model.config.trunk.attention}
+            "sampler": {k: v for k, v in kwargs.items()}, "attention": model.config.trunk.attention,
+            "qk_norm": qk_norm, "mlp_hidden": model.trunk.blocks[0].mlp.w2.in_features}
     return (lambda labels: sampler(model, labels)), info
 
 
-def build_llamagen(shape: Shape, args, compile: bool, kv_bucket: int | None = None) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
+def build_llamagen(shape: Shape, args, compile: bool) -> tuple[Callable[[torch.Tensor], torch.Tensor], dict]:
     peer_shape = llamagen.LlamaGenShape(shape.llamagen_model, shape.vocab_size, shape.grid_size,
                                         shape.num_classes, shape.llamagen_args)
     sampler = llamagen.LlamaGenSampler(
@@ -131,14 +140,18 @@ def check_tokens(tokens: torch.Tensor, shape: Shape, batch: int) -> torch.Tensor
 def run_row(name: str, shape: Shape, args, log) -> dict[str, Any]:
     side, mode, *variant = name.split("-")
     compile = mode == "compiled"
-    kv_bucket = int(variant[0][2:]) if variant else (args.kv_bucket if compile else None)
+    buckets = [int(v[2:]) for v in variant if v.startswith("kv")]
+    kv_bucket = buckets[0] if buckets else (args.kv_bucket if compile else None)
     device = torch.device(args.device)
     row: dict[str, Any] = {"row": name, "status": "ok"}
     t_build = time.perf_counter()
     if compile:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-    fn, info = (build_tessera if side == "tessera" else build_llamagen)(shape, args, compile, kv_bucket)
+    if side == "tessera":
+        fn, info = build_tessera(shape, args, compile, kv_bucket, qk_norm="qknorm" in variant)
+    else:
+        fn, info = build_llamagen(shape, args, compile)
     row.update(info)
     row["build_s"] = time.perf_counter() - t_build
     gen = torch.Generator().manual_seed(args.seed)
@@ -225,6 +238,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-bucket", type=int, default=0,
                    help="kv_bucket of the tessera-compiled row (0: whole cache; the -kv64 row uses 64)")
+    p.add_argument("--decode-kernel", default=None, metavar="BLOCK,WARPS,PROGRAMS[,STAGES]",
+                   help="launch settings of tessera's decode-attention kernel (default: nn/decode_attention.KERNEL)")
     p.add_argument("--llamagen-dir", default=str(_REPO / llamagen.DEFAULT_DIR))
     p.add_argument("--llamagen-compile", choices=llamagen.COMPILE_MODES, default="model",
                    help="model: torch.compile(model, mode='reduce-overhead', fullgraph=True) as LlamaGen's "
@@ -245,6 +260,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"unknown rows {unknown}; choose from {','.join(ROWS)}")
     if args.warmup < 1 or args.reps < 1:
         p.error("--warmup and --reps must be >= 1")
+    if args.decode_kernel:
+        from tessera.nn import decode_attention
+        decode_attention.KERNEL = decode_attention.DecodeKernelConfig(*map(int, args.decode_kernel.split(",")))
     return args
 
 
@@ -265,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "device": args.device, "n_tokens": shape.grid_size ** 2, "vocab_size": shape.vocab_size,
                    "num_classes": shape.num_classes, "warmup": args.warmup, "reps": args.reps, "seed": args.seed,
                    "temperature": 1.0, "top_k": 0, "top_p": 1.0, "llamagen_compile": args.llamagen_compile,
-                   "kv_bucket": args.kv_bucket, "timing": "cuda events" if torch.device(args.device).type == "cuda" else "perf_counter"},
+                   "kv_bucket": args.kv_bucket, "decode_kernel": args.decode_kernel, "timing": "cuda events" if torch.device(args.device).type == "cuda" else "perf_counter"},
         "env": environment(args.device),
         "reference_img_per_s": shape.reference,
         "rows": [],

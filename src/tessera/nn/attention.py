@@ -1,7 +1,9 @@
 """One attention entry point with explicit backends: sdpa, flex, xformers, math.
 
-The backend is chosen in config and logged; nothing switches silently. A mask is prepared
-once per forward pass (`prepare_mask`) and reused by every layer.
+The backend is chosen in config and logged. A mask is prepared once per forward pass
+(`prepare_mask`) and reused by every layer. One case takes a dedicated kernel under the sdpa
+and flex backends: a single causal query against a KV cache (incremental decoding) on a device
+where Triton runs goes to `decode_attention`, which reads only the cache slots written so far.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from .decode_attention import decode_attention, triton_available
 from .masks import AttentionMask
 
 Backend = Literal["sdpa", "flex", "xformers", "math"]
@@ -30,6 +33,7 @@ class PreparedMask:
     is_causal: bool = False
     dense: torch.Tensor | None = None  # bool (Lq, Lk); None means attend everywhere
     block_mask: Any = None  # FlexAttention BlockMask
+    decode_length: torch.Tensor | None = None  # (1,): one causal query over cache slots [0, length)
 
 
 def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor, backend: str,
@@ -41,6 +45,8 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if _is_causal_decode(mask, q_pos, backend, full_sequence):
+        return PreparedMask(backend, decode_length=q_pos + 1)
     if backend == "flex":
         return PreparedMask(backend, block_mask=_flex_block_mask(mask, q_pos, kv_pos))
     if mask.kind == "bidirectional" and full_sequence:
@@ -50,8 +56,17 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
     return PreparedMask(backend, dense=mask.to(q_pos.device).dense(q_pos, kv_pos))
 
 
+def _is_causal_decode(mask: AttentionMask, q_pos: torch.Tensor, backend: str, full_sequence: bool) -> bool:
+    """One causal query against a KV cache, on a device where the decode kernel runs (sdpa and
+    flex backends; `math` stays the plain reference)."""
+    return (not full_sequence and mask.kind == "causal" and q_pos.numel() == 1 and backend in ("sdpa", "flex")
+            and triton_available(q_pos.device))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: PreparedMask) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, L, D) tensors with a prepared mask."""
+    if prepared.decode_length is not None:
+        return decode_attention(q, k, v, prepared.decode_length)
     if prepared.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.dense, is_causal=prepared.is_causal)
     if prepared.backend == "flex":

@@ -44,15 +44,16 @@ class AutoregressiveSampler:
 
     `compile=True` (CUDA) compiles one decode step (trunk step + guidance + filtering +
     sampling) with CUDA-graph replay (`mode="reduce-overhead"`); the cache tensors are marked
-    as static addresses so the graph may update them in place. `kv_bucket=0` attends over the
-    whole static cache (one graph); `kv_bucket=b` attends over the first multiple of `b` slots
-    past the current position (less memory read per step, one graph per bucket). The same
-    function runs eagerly otherwise, so compiled and eager sampling draw the same tokens up to
-    numerics.
+    as static addresses so the graph may update them in place. `kv_bucket=0` (default) attends
+    over the whole static cache (one graph; on CUDA the causal decode kernel reads only the slots
+    written so far, see nn/decode_attention.py); `kv_bucket=b` slices the cache to the first
+    multiple of `b` slots past the current position (less memory read by dense kernels, one graph
+    per bucket). The same function runs eagerly otherwise, so compiled and eager sampling draw
+    the same tokens up to numerics.
     """
 
     def __init__(self, settings: SamplingConfig, use_cache: bool = True, on_unit: UnitCallback | None = None,
-                 compile: bool = False, kv_bucket: int = 64):
+                 compile: bool = False, kv_bucket: int = 0):
         if kv_bucket < 0:
             raise ValueError(f"kv_bucket={kv_bucket} must be >= 0 (0: attend over the whole cache)")
         self.settings = settings
