@@ -5,6 +5,9 @@
 #   emoji   - emoji shards carried in data/emoji (made here with `tessera data emoji`), VQ + text-conditional
 #   var     - shapes 64px: multi-scale residual VQ + VAR next-scale, grid and coarse-to-fine strip (issue 3)
 #   flowar  - shapes 64px: KL autoencoder + FlowAR, grid and coarse-to-fine strip (issue 3)
+#   audio   - audio shards carried in data/audio (+ held-out data/audio_val), made here with `tessera data audio`:
+#             codec (+ SI-SNR / mel distance ladder), MAGNeT and the delay-pattern AR baseline, WAV samples (issue 4)
+#   maskgit - shapes 64px: VQ + text-conditional MaskGIT, grid (issue 4)
 # Each training run is time-boxed (seconds, below): at its limit it gets SIGTERM, finishes the step and
 # writes a checkpoint, so the sampling that follows still works. Overrides for every run: TRAIN_ARGS="k=v ...".
 # Results (metrics, preview grids, sample grids, logs) are packed into $OUT/evidence.tar.gz, also when cut short.
@@ -31,6 +34,12 @@ shapes_data() {
 }
 SHAPE_PROMPTS=(--prompt "two red circles" --prompt "a blue square" --prompt "a red circle left of a blue square"
                --prompt "three yellow stars")
+AUDIO_PROMPTS=(--prompt "instrument note, Violin, strings family: A3, velocity 100, held 1.0 s"
+               --prompt "instrument melody, Acoustic Grand Piano, piano family: 6 notes in C major at 120 BPM, velocity 100"
+               --prompt "instrument note, Trumpet, brass family: C4, velocity 127, held 2.0 s"
+               --prompt "speech, English: please enter your password followed by the pound key")
+wavs() { local run=$1 name=$2; shift 2; tessera sample --ckpt "runs/$run" --n 4 --cfg 3 --seed 0 --duration 4 \
+           "${AUDIO_PROMPTS[@]}" --out "runs/$run/$name.wav" "$@" 2>&1 | tail -1; }
 grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
@@ -72,6 +81,23 @@ for stage in "$@"; do
       tessera sample --ckpt runs/next_token_emoji64 --n 32 --cfg 1.5 --top-k 200 --seed 0 --prompt "red apple" \
         --prompt "smiling face with sunglasses" --prompt "dog face" --prompt "pizza" \
         --out runs/next_token_emoji64/grid_cfg1.5.png ;;
+    audio)
+      [ -d data/audio ] || { echo "skip audio: data/audio was not carried"; continue; }
+      train 140 configs/codec_audio.yaml
+      tessera eval codec --ckpt runs/codec_audio --shards data/audio_val --n 96 --clip-seconds 2 \
+        --out runs/codec_audio/codec_eval.json 2>&1 | tail -1
+      train 130 configs/magnet_audio.yaml
+      train 130 configs/musicgen_audio.yaml
+      wavs magnet_audio magnet
+      wavs musicgen_audio musicgen --top-k 250
+      wavs magnet_audio magnet_rescored --rescore-ckpt runs/musicgen_audio
+      wavs magnet_audio magnet_hybrid --hybrid-seconds 1 --rescore-ckpt runs/musicgen_audio ;;
+    maskgit)
+      shapes_data
+      train 110 configs/vq_shapes64.yaml
+      recon vq_shapes64 data/shapes64_val
+      train 200 configs/maskgit_shapes64.yaml
+      grid maskgit_shapes64 --steps 12 "${SHAPE_PROMPTS[@]}" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done 2>&1 | tee -a "$log"
