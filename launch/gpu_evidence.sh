@@ -88,6 +88,10 @@ for stage in "$@"; do
         --out runs/codec_audio/codec_eval.json 2>&1 | tail -1
       train 130 configs/magnet_audio.yaml
       train 130 configs/musicgen_audio.yaml
+      for split in audio audio_val; do  # how predictable the codes are, next to the AR model's accuracy
+        python3 launch/audio_code_stats.py --ar runs/musicgen_audio --shards data/$split \
+          --out runs/musicgen_audio/code_stats_$split.json | tail -1
+      done
       wavs magnet_audio magnet
       wavs musicgen_audio musicgen --top-k 250
       wavs magnet_audio magnet_rescored --rescore-ckpt runs/musicgen_audio
