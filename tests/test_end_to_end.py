@@ -1,5 +1,6 @@
 """The main job end to end (tiny scale), resume, and the CLI's one-line errors on bad input."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -128,6 +129,44 @@ def test_eval_tokenizer_cli_writes_report_and_grid(quickstart_dir, tmp_path):
     assert report["images"] == 20 and report["psnr_db"] > 5
     assert 0 < report["codes_used"] <= 20 * 8 * 8 and 1 <= report["code_perplexity"] <= report["codes_used"]
     assert Image.open(out.with_suffix(".png")).size[0] > 0
+
+
+def test_eval_fid_cli_sweeps_cfg_with_effnet_features(quickstart_dir, tmp_path):
+    out = tmp_path / "fd.json"
+    with pytest.warns(UserWarning, match="2048"):
+        code = main(["eval", "fid", "--ckpt", str(quickstart_dir / "next_token"), "--ref",
+                     str(quickstart_dir / "data" / "shapes32"), "--n", "8", "--cfg", "1,3", "--backbone", "effnet",
+                     "--device", "cpu", "--batch-size", "8", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "FD-EffNetLite0" and report["features"].startswith("FD-EffNetLite0@")
+    assert [r["cfg"] for r in report["rows"]] == [1.0, 3.0]
+    for row in report["rows"]:
+        assert row["FD-EffNetLite0"] > 0 and 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1
+        assert "inception_score" not in row  # IS only with the Inception network
+    assert Image.open(out.with_suffix(".png")).size == (640, 360)
+    assert Image.open(tmp_path / "fd_samples.png").size[0] > 0
+    env = {k: v for k, v in os.environ.items() if k != "TESSERA_INCEPTION_WEIGHTS"}
+    proc = subprocess.run([sys.executable, "-m", "tessera.cli", "eval", "fid", "--ckpt", str(quickstart_dir / "next_token"),
+                           "--ref", str(quickstart_dir / "data" / "shapes32"), "--n", "4", "--backbone", "inception",
+                           "--device", "cpu"], capture_output=True, text=True, env=env)
+    assert_one_line_error(proc, "Inception")
+
+
+def test_eval_compositional_cli_scores_every_task(quickstart_dir, tmp_path):
+    out = tmp_path / "comp.json"
+    code = main(["eval", "compositional", "--ckpt", str(quickstart_dir / "next_token"), "--per-prompt", "2",
+                 "--limit", "2", "--device", "cpu", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    tags = ["single_object", "two_object", "counting", "colors", "position", "color_attr"]
+    assert list(report["tasks"]) == tags and report["prompts"] == 12 and len(report["images"]) == 24
+    assert report["overall"] == pytest.approx(sum(report["tasks"].values()) / 6)
+    assert all(0 <= acc <= 1 for acc in report["tasks"].values())
+    assert all(isinstance(r["correct"], bool) and r["reason"] is not None for r in report["images"])
+    assert Image.open(out.with_suffix(".png")).size == (640, 360)
+    assert Image.open(tmp_path / "comp_samples.png").size[0] > 0
+    assert main(["eval", "compositional", "--ckpt", str(quickstart_dir / "vq"), "--device", "cpu"]) == 2
 
 
 def test_sigterm_to_the_process_group_with_loader_workers_ends_cleanly(quickstart_dir, tmp_path):

@@ -1,2 +1,5 @@
-from tessera.compat import ensure_torchvision_ops as _ensure_torchvision_ops; _ensure_torchvision_ops()  # noqa: E702
+"""tessera: autoregressive and masked generative modelling on one shared transformer trunk."""
+from tessera.compat import ensure_torchvision_ops
+
+ensure_torchvision_ops()  # before anything imports torchvision (see compat.py)
 __version__ = "0.1.0"

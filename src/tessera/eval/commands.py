@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from ..checkpoint import atomic_write_text
+from ..config import ConfigError
 
 
 def _tokenizer(args: argparse.Namespace) -> None:
@@ -48,6 +49,53 @@ def _codec(args: argparse.Namespace) -> None:
           f"{report['bitrate_kbps']:g} kbps over {report['items']} clips (by codebooks {ladder}); wrote {out}")
 
 
+def _parse_floats(text: str, flag: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"{flag} takes comma-separated numbers, got {text!r}") from None
+
+
+def _fid(args: argparse.Namespace) -> None:
+    from ..images import save_grid
+    from .charts import bar_chart, line_chart
+    from .generative import evaluate_generator
+    cfgs = _parse_floats(args.cfg, "--cfg")
+    given = {"top_k": args.top_k} if args.top_k is not None else {}
+    report, samples = evaluate_generator(args.ckpt, args.ref, args.n, cfgs, args.backbone, args.inception_weights,
+                                         args.device, args.batch_size, args.seed, given)
+    out = Path(args.out)
+    metric = report["metric"]
+    rows = report["rows"]
+    if len(rows) > 1:
+        line_chart([r["cfg"] for r in rows], [r[metric] for r in rows], out.with_suffix(".png"),
+                   f"{metric} vs CFG ({report['n']} samples)", "cfg")
+    else:
+        bar_chart([metric, "precision", "recall"], [rows[0][metric], rows[0]["precision"], rows[0]["recall"]],
+                  out.with_suffix(".png"), f"{metric} at cfg {rows[0]['cfg']:g} ({report['n']} samples)")
+    save_grid(samples[:64].float() / 127.5 - 1, out.with_name(out.stem + "_samples.png"))
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    for r in rows:
+        print(f"cfg {r['cfg']:g}: {metric} {r[metric]:.3f}, precision {r['precision']:.3f}, recall {r['recall']:.3f}")
+    print(f"wrote {out}")
+
+
+def _compositional(args: argparse.Namespace) -> None:
+    from .charts import bar_chart, marked_grid
+    from .compositional_eval import evaluate_compositional
+    given = {"top_k": args.top_k} if args.top_k is not None else {}
+    report, images, passed = evaluate_compositional(args.ckpt, args.per_prompt, args.limit, args.cfg, args.device,
+                                                    args.batch_size, args.seed, given)
+    out = Path(args.out)
+    tasks = report["tasks"]
+    bar_chart([*tasks, "overall"], [*tasks.values(), report["overall"]], out.with_suffix(".png"),
+              f"compositional accuracy, cfg {args.cfg:g}, {report['prompts']} prompts x {args.per_prompt}", top=1.0)
+    marked_grid(images[:128], passed[:128], out.with_name(out.stem + "_samples.png"), nrow=args.per_prompt * 4)
+    atomic_write_text(out, json.dumps(report, indent=2) + "\n")
+    print("; ".join(f"{tag} {acc:.3f}" for tag, acc in tasks.items()) + f"; overall {report['overall']:.3f}")
+    print(f"wrote {out}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its subcommands."""
     ev = subparsers.add_parser("eval", help="evaluate a checkpoint (tokenizer or codec reconstruction)")
@@ -70,3 +118,31 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
     p.add_argument("--out", default="codec_eval.json", help="JSON report")
     p.set_defaults(func=_codec)
+    p = sub.add_parser("fid", help="FID (with the Inception weights file) or FD-EffNetLite0 / classifier FD, "
+                       "precision/recall (and IS with Inception) of a generator against reference image shards")
+    p.add_argument("--ckpt", required=True, help="generator checkpoint or run folder")
+    p.add_argument("--ref", required=True, help="reference image shards (their captions/classes prompt the model)")
+    p.add_argument("--n", type=int, default=10000, help="samples per side (FID is unreliable below ~2048)")
+    p.add_argument("--cfg", default="3", help="CFG weight, or a comma-separated sweep, e.g. 1,2,3,4")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--backbone", default="auto", help="auto, inception, effnet or classifier:DIR")
+    p.add_argument("--inception-weights", default=None,
+                   help="FID Inception weights file (else $TESSERA_INCEPTION_WEIGHTS); never downloaded")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", default="fid_eval.json", help="JSON report; chart (.png) and samples grid go next to it")
+    p.set_defaults(func=_fid)
+    p = sub.add_parser("compositional", help="GenEval-style benchmark on the shapes world, scored exactly: "
+                       "per-task accuracy of a text-conditional image generator")
+    p.add_argument("--ckpt", required=True, help="generator checkpoint or run folder")
+    p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
+    p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task (quick runs)")
+    p.add_argument("--cfg", type=float, default=3.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", default="compositional_eval.json",
+                   help="JSON report; per-task chart (.png) and a pass/fail grid go next to it")
+    p.set_defaults(func=_compositional)

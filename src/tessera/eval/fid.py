@@ -25,13 +25,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from ..config import ConfigError
 from .inception import FIDInceptionV3
 
 MIN_RELIABLE_SAMPLES = 2048
 ISC_SHUFFLE_SEED = 2020  # torch-fidelity's default rng_seed for the IS shuffle
 
 
-class EvalInputError(ValueError):
+class EvalInputError(ConfigError):
     """Images, features or statistics that these metrics cannot use."""
 
 
