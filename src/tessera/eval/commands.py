@@ -96,31 +96,37 @@ def _compositional(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, ckpt_help: str, batch_size: int,
+                out: str, out_help: str, func) -> argparse.ArgumentParser:
+    """A subcommand with the arguments every evaluation takes: --ckpt, --batch-size, --device, --out."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--ckpt", required=True, help=ckpt_help)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.add_argument("--out", default=out, help=out_help)
+    p.set_defaults(func=func)
+    return p
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `eval` command and its subcommands."""
-    ev = subparsers.add_parser("eval", help="evaluate a checkpoint (tokenizer or codec reconstruction)")
+    ev = subparsers.add_parser("eval", help="evaluate a checkpoint (reconstruction, FID/FD, compositional)")
     sub = ev.add_subparsers(dest="eval_command", required=True)
-    p = sub.add_parser("tokenizer", help="reconstruction PSNR (and codebook usage) of an image tokenizer (vq, multiscale_vq, kl) on shards")
-    p.add_argument("--ckpt", required=True, help="tokenizer checkpoint or run folder")
+    p = _subcommand(sub, "tokenizer", "reconstruction PSNR (and codebook usage) of an image tokenizer (vq, "
+                    "multiscale_vq, kl) on shards", "tokenizer checkpoint or run folder", 100,
+                    "tokenizer_eval.json", "JSON report; the grid goes next to it as .png", _tokenizer)
     p.add_argument("--shards", required=True, help="held-out image shards")
     p.add_argument("--n", type=int, default=1000, help="number of images")
-    p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--out", default="tokenizer_eval.json", help="JSON report; the grid goes next to it as .png")
-    p.set_defaults(func=_tokenizer)
-    p = sub.add_parser("codec", help="reconstruction SI-SNR, mel distance and codebook usage of an audio codec on "
-                       "audio shards, for 1..K codebooks")
-    p.add_argument("--ckpt", required=True, help="audio codec checkpoint or run folder")
+    p = _subcommand(sub, "codec", "reconstruction SI-SNR, mel distance and codebook usage of an audio codec on "
+                    "audio shards, for 1..K codebooks", "audio codec checkpoint or run folder", 32,
+                    "codec_eval.json", "JSON report", _codec)
     p.add_argument("--shards", required=True, help="held-out audio shards (tessera data audio)")
     p.add_argument("--n", type=int, default=256, help="number of clips")
     p.add_argument("--clip-seconds", type=float, default=2.0, help="clips are cropped or zero-padded to this length")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--out", default="codec_eval.json", help="JSON report")
-    p.set_defaults(func=_codec)
-    p = sub.add_parser("fid", help="FID (with the Inception weights file) or FD-EffNetLite0 / classifier FD, "
-                       "precision/recall (and IS with Inception) of a generator against reference image shards")
-    p.add_argument("--ckpt", required=True, help="generator checkpoint or run folder")
+    p = _subcommand(sub, "fid", "FID (with the Inception weights file) or FD-EffNetLite0 / classifier FD, "
+                    "precision/recall (and IS with Inception) of a generator against reference image shards",
+                    "generator checkpoint or run folder", 64, "fid_eval.json",
+                    "JSON report; chart (.png) and samples grid go next to it", _fid)
     p.add_argument("--ref", required=True, help="reference image shards (their captions/classes prompt the model)")
     p.add_argument("--n", type=int, default=10000, help="samples per side (FID is unreliable below ~2048)")
     p.add_argument("--cfg", default="3", help="CFG weight, or a comma-separated sweep, e.g. 1,2,3,4")
@@ -129,20 +135,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights file (else $TESSERA_INCEPTION_WEIGHTS); never downloaded")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--out", default="fid_eval.json", help="JSON report; chart (.png) and samples grid go next to it")
-    p.set_defaults(func=_fid)
-    p = sub.add_parser("compositional", help="GenEval-style benchmark on the shapes world, scored exactly: "
-                       "per-task accuracy of a text-conditional image generator")
-    p.add_argument("--ckpt", required=True, help="generator checkpoint or run folder")
+    p = _subcommand(sub, "compositional", "GenEval-style benchmark on the shapes world, scored exactly: per-task "
+                    "accuracy of a text-conditional image generator", "generator checkpoint or run folder", 64,
+                    "compositional_eval.json", "JSON report; per-task chart (.png) and a pass/fail grid go next to it",
+                    _compositional)
     p.add_argument("--per-prompt", type=int, default=4, help="images per prompt")
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts of each task (quick runs)")
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
-    p.add_argument("--out", default="compositional_eval.json",
-                   help="JSON report; per-task chart (.png) and a pass/fail grid go next to it")
-    p.set_defaults(func=_compositional)
