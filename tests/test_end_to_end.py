@@ -153,6 +153,20 @@ def test_eval_fid_cli_sweeps_cfg_with_effnet_features(quickstart_dir, tmp_path):
     assert_one_line_error(proc, "Inception")
 
 
+def test_classifier_fd_from_a_trained_shape_classifier(quickstart_dir, tmp_path):
+    clf = tmp_path / "clf"
+    shards = str(quickstart_dir / "data" / "shapes32")
+    assert main(["eval", "train-classifier", "--shards", shards, "--label", "shape", "--name", "FD-shapes-classifier",
+                 "--n", "64", "--epochs", "2", "--out", str(clf)]) == 0
+    out = tmp_path / "fd.json"
+    with pytest.warns(UserWarning, match="2048"):
+        assert main(["eval", "fid", "--ckpt", str(quickstart_dir / "next_token"), "--ref", shards, "--n", "6",
+                     "--backbone", f"classifier:{clf}", "--device", "cpu", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["metric"] == "FD-shapes-classifier" and report["rows"][0]["FD-shapes-classifier"] >= 0
+    assert main(["eval", "train-classifier", "--shards", shards, "--name", "x", "--out", str(tmp_path / "c2")]) == 2
+
+
 def test_eval_compositional_cli_scores_every_task(quickstart_dir, tmp_path):
     out = tmp_path / "comp.json"
     code = main(["eval", "compositional", "--ckpt", str(quickstart_dir / "next_token"), "--per-prompt", "2",

@@ -96,6 +96,31 @@ def _compositional(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _train_classifier(args: argparse.Namespace) -> None:
+    import torch
+
+    from ..data.loader import make_image_loader
+    from ..data.shapes import SHAPES
+    from .backbones import train_feature_classifier
+    from .generative import to_uint8
+    images, labels = [], []
+    for batch in make_image_loader(args.shards, 256, args.resolution, seed=0, infinite=False, shuffle_buffer=0):
+        images.append(to_uint8(batch["image"]))
+        if args.label == "class":
+            labels += batch["class"].tolist()
+        else:  # shapes scenes: the class of the first object
+            labels += [SHAPES.index(meta["objects"][0]["class"]) for meta in batch["meta"]]
+        if len(labels) >= args.n:
+            break
+    if not labels or min(labels) < 0:
+        raise ConfigError(f"{args.shards} has no '{args.label}' labels to train on (class -1 means none)")
+    model = train_feature_classifier(torch.cat(images)[:args.n], labels[:args.n], name=args.name,
+                                     image_size=args.resolution, epochs=args.epochs, device=args.device or "cpu",
+                                     out=args.out)
+    print(f"{model.tag}: train accuracy {model.train_accuracy:.3f} on {min(len(labels), args.n)} images; "
+          f"wrote {args.out} (use --backbone classifier:{args.out})")
+
+
 def _subcommand(sub: argparse._SubParsersAction, name: str, help: str, ckpt_help: str, batch_size: int,
                 out: str, out_help: str, func) -> argparse.ArgumentParser:
     """A subcommand with the arguments every evaluation takes: --ckpt, --batch-size, --device, --out."""
@@ -144,3 +169,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--cfg", type=float, default=3.0)
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("train-classifier", help="train the small feature classifier whose features give a "
+                       "dataset-specific FD (for data far from ImageNet: Fashion-MNIST, shapes)")
+    p.add_argument("--shards", required=True, help="labelled image shards")
+    p.add_argument("--label", choices=("class", "shape"), default="class",
+                   help="class: the shards' class labels; shape: the first object's shape (shapes scenes)")
+    p.add_argument("--name", required=True, help="the metric's name in reports, e.g. FD-fashion-classifier")
+    p.add_argument("--n", type=int, default=20000, help="training images")
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cpu)")
+    p.add_argument("--out", required=True, help="classifier folder (config.json + model.safetensors)")
+    p.set_defaults(func=_train_classifier)
