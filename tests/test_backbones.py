@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 
 from tessera.checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError
 from tessera.eval import backbones as bb
+from tessera.eval import feature_classifier as fc
 
 MAZE, COIL, WINDOW_SCREEN = 646, 506, 904  # ImageNet class indices
 
@@ -92,7 +93,7 @@ def test_bad_weight_files(tmp_path):
     with pytest.raises(CheckpointError, match=r"_fc.weight has shape \(10, 1280\), expected \(1000, 1280\)"):
         bb.load_effnet_lite0(wrong)
     pickled = tmp_path / "pickled.pth"
-    torch.save({"model": bb.ClassifierConfig("x", 2)}, pickled)
+    torch.save({"model": fc.ClassifierConfig("x", 2)}, pickled)
     with pytest.raises(CheckpointError, match="not a readable weights file"):
         bb.read_state_dict(pickled)
 
@@ -105,7 +106,7 @@ def test_bad_weight_files(tmp_path):
     (torch.zeros(0, 3, 8, 8, dtype=torch.uint8), ValueError),
 ])
 def test_bad_images(images, error):
-    model = bb.FeatureClassifier(bb.ClassifierConfig("FD-test", 2, image_size=8, widths=(4,)))
+    model = fc.FeatureClassifier(fc.ClassifierConfig("FD-test", 2, image_size=8, widths=(4,)))
     with pytest.raises(error, match="images must"):
         model.features(images)
 
@@ -132,7 +133,7 @@ def _shapes(n_per_class: int = 24, size: int = 28) -> tuple[torch.Tensor, torch.
 def trained(tmp_path_factory):
     images, labels = _shapes()
     out = tmp_path_factory.mktemp("clf") / "shapes"
-    model = bb.train_feature_classifier(images, labels, name="FD-shapes-classifier", widths=(16, 32, 64),
+    model = fc.train_feature_classifier(images, labels, name="FD-shapes-classifier", widths=(16, 32, 64),
                                         epochs=12, batch_size=32, out=out)
     return model, images, labels, out
 
@@ -151,7 +152,7 @@ def test_classifier_trains_and_separates_classes(trained):
 
 def test_classifier_save_load(trained):
     model, images, _, out = trained
-    loaded = bb.load_feature_classifier(out)
+    loaded = fc.load_feature_classifier(out)
     assert loaded.name == "FD-shapes-classifier" and loaded.tag == model.tag and loaded.tag.startswith(model.name + "@")
     assert loaded.train_accuracy == model.train_accuracy
     assert torch.equal(loaded.features(images[:8]), model.features(images[:8]))
@@ -160,7 +161,7 @@ def test_classifier_save_load(trained):
 
 def test_classifier_wrong_files(trained, tmp_path):
     model, *_, out = trained
-    other = bb.FeatureClassifier(bb.ClassifierConfig("FD-other", 4, widths=(16, 32, 48)))
+    other = fc.FeatureClassifier(fc.ClassifierConfig("FD-other", 4, widths=(16, 32, 48)))
     other.save(tmp_path / "other")
     (tmp_path / "mixed").mkdir()
     header = json.loads((out / CONFIG_FILE).read_text())
@@ -168,19 +169,19 @@ def test_classifier_wrong_files(trained, tmp_path):
     (tmp_path / "mixed" / CONFIG_FILE).write_text(json.dumps(header))
     (tmp_path / "mixed" / WEIGHTS_FILE).write_bytes((tmp_path / "other" / WEIGHTS_FILE).read_bytes())
     with pytest.raises(CheckpointError, match=r"has shape \(48, 32, 3, 3\), expected \(64, 32, 3, 3\)"):
-        bb.load_feature_classifier(tmp_path / "mixed")
+        fc.load_feature_classifier(tmp_path / "mixed")
     (tmp_path / "mixed" / WEIGHTS_FILE).write_bytes((out / WEIGHTS_FILE).read_bytes())
     header["sha256"] = "0" * 64
     (tmp_path / "mixed" / CONFIG_FILE).write_text(json.dumps(header))
     with pytest.raises(CheckpointError, match="does not match config"):
-        bb.load_feature_classifier(tmp_path / "mixed")
+        fc.load_feature_classifier(tmp_path / "mixed")
     with pytest.raises(CheckpointError, match="not a feature-classifier folder"):
-        bb.load_feature_classifier(tmp_path)
+        fc.load_feature_classifier(tmp_path)
 
 
 def test_classifier_bad_labels():
     images, labels = _shapes(2)
     with pytest.raises(ValueError, match="labels must be"):
-        bb.train_feature_classifier(images, labels[:-1])
+        fc.train_feature_classifier(images, labels[:-1])
     with pytest.raises(ValueError, match="2\\+ classes"):
-        bb.train_feature_classifier(images, torch.zeros_like(labels))
+        fc.train_feature_classifier(images, torch.zeros_like(labels))

@@ -101,7 +101,7 @@ def _train_classifier(args: argparse.Namespace) -> None:
 
     from ..data.loader import make_image_loader
     from ..data.shapes import SHAPES
-    from .backbones import train_feature_classifier
+    from .feature_classifier import train_feature_classifier
     from .generative import to_uint8
     images, labels = [], []
     for batch in make_image_loader(args.shards, 256, args.resolution, seed=0, infinite=False, shuffle_buffer=0):

@@ -42,7 +42,8 @@ def feature_net(backbone: str, inception_weights: str | None, device: str, batch
         return FeatureNet("FID", f"FID@{inception.sha256[:8]}",
                           lambda images: image_features(images, inception, batch_size, device, progress=True))
     if backbone == "effnet" or backbone.startswith("classifier:"):
-        from .backbones import load_effnet_lite0, load_feature_classifier
+        from .backbones import load_effnet_lite0
+        from .feature_classifier import load_feature_classifier
         net = (load_effnet_lite0(device=device) if backbone == "effnet"
                else load_feature_classifier(backbone.split(":", 1)[1], device))
         return FeatureNet(net.name, net.tag, lambda images: (net.features(images, batch_size), None))
