@@ -133,12 +133,20 @@ def test_eval_tokenizer_cli_writes_report_and_grid(quickstart_dir, tmp_path):
 
 def test_eval_fid_cli_sweeps_cfg_with_effnet_features(quickstart_dir, tmp_path):
     out = tmp_path / "fd.json"
+    args = ["eval", "fid", "--ckpt", str(quickstart_dir / "next_token"), "--ref", str(quickstart_dir / "data" / "shapes32"),
+            "--n", "8", "--cfg", "1,3", "--backbone", "effnet", "--device", "cpu", "--batch-size", "8",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]
     with pytest.warns(UserWarning, match="2048"):
-        code = main(["eval", "fid", "--ckpt", str(quickstart_dir / "next_token"), "--ref",
-                     str(quickstart_dir / "data" / "shapes32"), "--n", "8", "--cfg", "1,3", "--backbone", "effnet",
-                     "--device", "cpu", "--batch-size", "8", "--out", str(out)])
-    assert code == 0
+        assert main(args) == 0
     report = json.loads(out.read_text())
+    cached = list((tmp_path / "cache").glob("ref-features-*.npz"))
+    assert len(cached) == 1  # the reference features, reused by the next call
+    stamp = cached[0].stat().st_mtime_ns
+    with pytest.warns(UserWarning, match="2048"):
+        assert main(args) == 0
+    again = json.loads(out.read_text())["rows"]
+    assert cached[0].stat().st_mtime_ns == stamp
+    assert [r["FD-EffNetLite0"] for r in again] == [r["FD-EffNetLite0"] for r in report["rows"]]
     assert report["metric"] == "FD-EffNetLite0" and report["features"].startswith("FD-EffNetLite0@")
     assert [r["cfg"] for r in report["rows"]] == [1.0, 3.0]
     for row in report["rows"]:

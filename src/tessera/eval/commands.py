@@ -62,8 +62,10 @@ def _fid(args: argparse.Namespace) -> None:
     from .generative import evaluate_generator
     cfgs = _parse_floats(args.cfg, "--cfg")
     given = {"top_k": args.top_k} if args.top_k is not None else {}
+    from .generative import default_cache_dir
+    cache = None if args.no_cache else Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     report, samples = evaluate_generator(args.ckpt, args.ref, args.n, cfgs, args.backbone, args.inception_weights,
-                                         args.device, args.batch_size, args.seed, given)
+                                         args.device, args.batch_size, args.seed, given, cache)
     out = Path(args.out)
     metric = report["metric"]
     rows = report["rows"]
@@ -160,6 +162,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--inception-weights", default=None,
                    help="FID Inception weights file (else $TESSERA_INCEPTION_WEIGHTS); never downloaded")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache-dir", default=None, help="reference feature cache (default: $TESSERA_CACHE/eval or "
+                   "~/.cache/tessera/eval)")
+    p.add_argument("--no-cache", action="store_true", help="recompute the reference features")
     p = _subcommand(sub, "compositional", "GenEval-style benchmark on the shapes world, scored exactly: per-task "
                     "accuracy of a text-conditional image generator", "generator checkpoint or run folder", 64,
                     "compositional_eval.json", "JSON report; per-task chart (.png) and a pass/fail grid go next to it",

@@ -7,11 +7,15 @@ with the reference set's own captions or classes, so both sides follow the same 
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import time
+import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from ..config import ConfigError
@@ -72,6 +76,33 @@ def reference_set(shards: str, n: int, resolution: int) -> tuple[torch.Tensor, l
     return images_t, texts[:n], classes[:n]
 
 
+def default_cache_dir() -> Path:
+    """$TESSERA_CACHE/eval, else ~/.cache/tessera/eval."""
+    return Path(os.environ.get("TESSERA_CACHE", Path.home() / ".cache" / "tessera")) / "eval"
+
+
+def reference_features(ref: str, images: torch.Tensor, net: FeatureNet, cache_dir: Path | None) -> torch.Tensor:
+    """Features of the reference images, cached as .npz keyed by the shard files (names, sizes,
+    mtimes), the image count and size, and the feature network's tag; None: no cache."""
+    if cache_dir is None:
+        return net.extract(images)[0]
+    key = hashlib.sha256(f"{Path(ref).resolve()}\n{tuple(images.shape)}\n{net.tag}\n".encode())
+    for shard in sorted(Path(ref).glob("*.tar")):
+        stat = shard.stat()
+        key.update(f"{shard.name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
+    path = cache_dir / f"ref-features-{key.hexdigest()[:24]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as data:
+            return torch.from_numpy(data["features"])
+    features = net.extract(images)[0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        np.savez(f, features=features.numpy(), reference=np.str_(str(ref)), features_tag=np.str_(net.tag))
+    os.replace(tmp, path)
+    return features
+
+
 def condition_values(cond: str, texts: list[str], classes: list[int]) -> list[str] | None:
     """Per-sample prompts for the generator: the reference captions or classes (None: unconditional)."""
     if cond == "text":
@@ -84,8 +115,10 @@ def condition_values(cond: str, texts: list[str], classes: list[int]) -> list[st
 @torch.no_grad()
 def evaluate_generator(ckpt: str, ref: str, n: int, cfgs: list[float], backbone: str = "auto",
                        inception_weights: str | None = None, device: str | None = None, batch_size: int = 64,
-                       seed: int = 0, given: dict[str, Any] | None = None) -> tuple[dict[str, Any], torch.Tensor]:
-    """The report (one row per CFG weight) and the first CFG weight's samples (uint8)."""
+                       seed: int = 0, given: dict[str, Any] | None = None,
+                       cache_dir: Path | None = None) -> tuple[dict[str, Any], torch.Tensor]:
+    """The report (one row per CFG weight) and the first CFG weight's samples (uint8); reference
+    features are cached under `cache_dir` (None: not cached)."""
     if n < 2 or not cfgs:
         raise ConfigError(f"--n must be at least 2 and --cfg must name a weight (got n={n}, cfg={cfgs})")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,7 +128,7 @@ def evaluate_generator(ckpt: str, ref: str, n: int, cfgs: list[float], backbone:
                      resolve_settings(model, {"seed": seed, **(given or {})})[0])
     real, texts, classes = reference_set(ref, n, probe.shape[-1])
     values = condition_values(model.config.cond, texts, classes)
-    real_feats, _ = net.extract(real)
+    real_feats = reference_features(ref, real, net, cache_dir)
     real_stats = FeatureStats.from_features(real_feats)
     rows, first = [], None
     for cfg in cfgs:
