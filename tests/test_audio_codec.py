@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from fitting import fit
 from tessera.checkpoint import CheckpointError
 from tessera.config import ConfigError
 from tessera.eval.audio_metrics import (codec_report, mel_filterbank, multi_resolution_mel_distance,
@@ -239,12 +240,7 @@ def test_tiny_codec_overfits_a_sum_of_sines(one_thread):
     with torch.no_grad():
         before = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())
     model.train()
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss, logs = model.loss({"audio": wave})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, logs = fit(model, {"audio": wave}, steps=300, lr=3e-3, optimizer=torch.optim.Adam)
     model.eval()
     with torch.no_grad():
         after = float(si_snr(model.decode(model.encode(wave), length=1600), wave).mean())

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fitting import fit
 from tessera.config import ConfigError
 from tessera.modeling import TesseraModel
 from tessera.registry import build_model
@@ -84,15 +85,7 @@ def test_loss_is_finite_and_backward_reaches_every_weight(rec_loss):
 def test_a_few_steps_lower_the_loss():
     torch.manual_seed(0)  # the posterior samples draw from the global generator
     model = tiny().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
-    batch = {"image": colour_blocks()}
-    losses = []
-    for _ in range(16):
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, _ = fit(model, {"image": colour_blocks()}, steps=16, lr=2e-3)
     assert losses[-1] < 0.8 * losses[0], losses
 
 

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fitting import fit
 from tessera.checkpoint import CheckpointError
 from tessera.config import ConfigError
 from tessera.modeling import TesseraModel
@@ -74,16 +75,9 @@ def test_guidance_interval_on_flow_time(kl_dir):
 
 def test_training_lowers_the_flow_loss_and_logs_each_scale(kl_dir):
     model = tiny(kl_dir).train()
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-3)
     batch = {"image": images(4), "class": torch.tensor([0, 1, 2, 0])}
     torch.manual_seed(0)
-    losses = []
-    for _ in range(40):
-        loss, logs = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, logs = fit(model, batch, steps=40, lr=2e-3)
     assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
     assert {f"flow_s{k}" for k in range(5)} <= set(logs)
 

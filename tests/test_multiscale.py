@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from fitting import fit
 from tessera.checkpoint import CheckpointError
 from tessera.config import ConfigError
 from tessera.modeling import TesseraModel
@@ -42,15 +43,7 @@ def test_teacher_inputs_are_the_downsampled_running_reconstruction():
 
 def test_training_steps_lower_the_loss_and_track_usage():
     model = tiny(dead_code_threshold=0.0)
-    opt = torch.optim.Adam(model.parameters(), lr=2e-3)
-    batch = {"image": images(8)}
-    losses = []
-    for _ in range(30):
-        loss, logs = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses, logs = fit(model, {"image": images(8)}, steps=30, lr=2e-3, optimizer=torch.optim.Adam)
     assert losses[-1] < 0.7 * losses[0]
     assert 0 < float(logs["usage"]) <= 1 and float(logs["perplexity"]) >= 1
     assert model.phis[0].conv.weight.grad is not None

@@ -10,6 +10,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from fitting import fit
 from tessera.checkpoint import CheckpointError
 from tessera.config import ConfigError
 from tessera.metrics import psnr
@@ -125,12 +126,7 @@ def test_training_raises_psnr(one_thread):
     model.eval()
     before = float(psnr(model.decode(model.encode(images)), images))
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    for _ in range(150):
-        loss, logs = model.loss({"image": images})
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    _, logs = fit(model, {"image": images}, steps=150, lr=3e-3)
     model.eval()
     after = float(psnr(model.decode(model.encode(images)), images))
     assert after > before + 10 and after > 22, (before, after)
