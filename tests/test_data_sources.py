@@ -145,6 +145,12 @@ def test_emoji_to_shards(tmp_path):
     assert batch["image"].shape == (6, 3, 32, 32)
     assert (batch["image"][:, :, 0, 0] == 1).all(), "transparent corners become white"
     assert write_emoji(tmp_path / "noto", 32, "noto", cache=cache)["count"] == 3
+    # the emoji's categories label a dataset classifier for classifier FD
+    from tessera.cli import main
+    clf = tmp_path / "clf"
+    assert main(["eval", "train-classifier", "--shards", str(tmp_path / "both"), "--label", "category", "--name",
+                 "FD-emoji-classifier", "--n", "6", "--epochs", "1", "--out", str(clf)]) == 0
+    assert json.loads((clf / "config.json").read_text())["config"]["num_classes"] == 2
 
 
 def test_emoji_missing_package_and_install(tmp_path, monkeypatch):

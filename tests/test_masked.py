@@ -226,3 +226,18 @@ def test_hybrid_and_rescoring_with_a_multistream_ar_model(codec_dir, tmp_path):
     ar.set_duration(0.02)
     head = ar.units_to_codes(AutoregressiveSampler(settings)(ar, torch.tensor([1])))
     assert torch.equal(codes[:, :, : head.shape[-1]], head) and (codes < model.vocab_size).all()
+
+
+def test_compiled_forward_decodes_like_eager(vq_dir, codec_dir):
+    """compile=True (torch.compile of the model's forward) fills the same tokens as the eager path."""
+    settings = SamplingConfig(cfg=2.0, seed=4)
+    labels = torch.tensor([0, 2])
+    image_model = maskgit(vq_dir).float()
+    masked = MaskedSamplingConfig(steps=4)
+    eager = MaskedSampler(settings, masked)(image_model, labels)
+    compiled = MaskedSampler(settings, masked, compile=True)
+    assert torch.equal(compiled(image_model, labels), eager)
+    audio_model = magnet(codec_dir).float()
+    streams = MaskedSamplingConfig.magnet(stage_steps=[2, 1, 1, 1])
+    eager = StreamMaskedSampler(settings, streams)(audio_model, labels)
+    assert torch.equal(StreamMaskedSampler(settings, streams, compile=True)(audio_model, labels), eager)

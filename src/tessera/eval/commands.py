@@ -105,15 +105,20 @@ def _train_classifier(args: argparse.Namespace) -> None:
     from ..data.shapes import SHAPES
     from .feature_classifier import train_feature_classifier
     from .generative import to_uint8
-    images, labels = [], []
+    images, labels, categories = [], [], []
     for batch in make_image_loader(args.shards, 256, args.resolution, seed=0, infinite=False, shuffle_buffer=0):
         images.append(to_uint8(batch["image"]))
         if args.label == "class":
             labels += batch["class"].tolist()
-        else:  # shapes scenes: the class of the first object
+        elif args.label == "shape":  # shapes scenes: the class of the first object
             labels += [SHAPES.index(meta["objects"][0]["class"]) for meta in batch["meta"]]
-        if len(labels) >= args.n:
+        else:  # emoji: the metadata's category, numbered in sorted order below
+            categories += [meta.get("category") or "" for meta in batch["meta"]]
+        if max(len(labels), len(categories)) >= args.n:
             break
+    if categories and all(categories):
+        names = sorted(set(categories))
+        labels = [names.index(c) for c in categories]
     if not labels or min(labels) < 0:
         raise ConfigError(f"{args.shards} has no '{args.label}' labels to train on (class -1 means none)")
     model = train_feature_classifier(torch.cat(images)[:args.n], labels[:args.n], name=args.name,
@@ -177,8 +182,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-classifier", help="train the small feature classifier whose features give a "
                        "dataset-specific FD (for data far from ImageNet: Fashion-MNIST, shapes)")
     p.add_argument("--shards", required=True, help="labelled image shards")
-    p.add_argument("--label", choices=("class", "shape"), default="class",
-                   help="class: the shards' class labels; shape: the first object's shape (shapes scenes)")
+    p.add_argument("--label", choices=("class", "shape", "category"), default="class",
+                   help="class: the shards' class labels; shape: the first object's shape (shapes scenes); "
+                        "category: the metadata's category (emoji)")
     p.add_argument("--name", required=True, help="the metric's name in reports, e.g. FD-fashion-classifier")
     p.add_argument("--n", type=int, default=20000, help="training images")
     p.add_argument("--resolution", type=int, default=32)

@@ -74,7 +74,7 @@ class AutoregressiveSampler:
             def step(unit, index, weight, noise, kv_len: int | None):
                 fed = unit.repeat(2, 1) if guided else unit
                 return self._sample(model.decode_step(fed, index, cache, kv_len), weight, noise, guided)
-            fn = _compile_step(step, cache) if self.compile else step
+            fn = compile_step(step, cache) if self.compile else step
             self._compiled = {key: (cache, fn)}
         return self._compiled[key][1]
 
@@ -119,11 +119,11 @@ class AutoregressiveSampler:
         return model.new_cache(batch, dtype, device)
 
 
-def _compile_step(step: Callable[..., Any], cache, graphs: int = 1) -> Callable[..., Any]:
-    """`step` compiled for CUDA-graph replay: the cache is a static address updated in place, each
-    call starts a new cudagraph step, and the outputs are cloned out of the graph's memory pool.
-    `graphs`: how many specialisations (e.g. one per scale) the step may compile."""
-    for buffer in cache.buffers():
+def compile_step(step: Callable[..., Any], cache=None, graphs: int = 1) -> Callable[..., Any]:
+    """`step` compiled for CUDA-graph replay: the cache (if any) is a static address updated in
+    place, each call starts a new cudagraph step, and the outputs are cloned out of the graph's
+    memory pool. `graphs`: how many specialisations (e.g. one per scale) the step may compile."""
+    for buffer in cache.buffers() if cache is not None else ():
         torch._dynamo.mark_static_address(buffer)
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True, dynamic=False)
     limit = max(torch._dynamo.config.recompile_limit, graphs)
@@ -219,7 +219,7 @@ class ScaleLoopSampler:
                 new = self.emit(model, model.scale_outputs(x, k, cond_vec, cache), k, weights[k], guided, noise)
                 return new, model.add_scale(state, new, k)
             if self.compile:
-                step = _compile_step(step, cache, graphs=len(weights) + 1)
+                step = compile_step(step, cache, graphs=len(weights) + 1)
             elif self.cuda_graph:
                 step = ScaleGraphs(step)
             self._steps = {key: step}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from ..config import Config, ConfigError, check_range
 from ..generators.conditioning import condition_size
 from ..generators.masking import MaskSchedule, masked_after_step
-from .autoregressive import doubled_condition
+from .autoregressive import compile_step, doubled_condition
 from .logits import GuidanceSchedule, SamplingConfig, exponential_noise, guided_logits, top_k_filter, top_p_filter
 
 Anneal = Literal["constant", "linear"]
@@ -120,25 +120,40 @@ def masked_decode(predict: Predict, tokens: torch.Tensor, mask_id: int, steps: i
     return tokens
 
 
+def masked_logits(model, prefix: torch.Tensor, tokens: torch.Tensor, stage: int | None) -> torch.Tensor:
+    """A masked generator's logits: every position (MaskGIT, `stage=None`) or stream `stage` (MAGNeT)."""
+    return model.masked_logits(prefix, tokens) if stage is None else model.stage_logits(prefix, tokens, stage)
+
+
 class MaskedSampler:
-    """MaskGIT decoding of a masked image generator: all tokens start masked (or `init` fixes some)."""
+    """MaskGIT decoding of a masked image generator: all tokens start masked (or `init` fixes some).
+
+    `compile=True` (CUDA) runs the model's forward pass through torch.compile with CUDA-graph replay
+    (one graph per model, batch size and stream); the confidence ranking and re-masking stay eager.
+    """
 
     def __init__(self, settings: SamplingConfig, masked: MaskedSamplingConfig | None = None,
-                 on_step: StepCallback | None = None):
+                 on_step: StepCallback | None = None, compile: bool = False):
         self.settings = settings
         self.masked = masked or MaskedSamplingConfig()
         self.guidance = GuidanceSchedule.from_config(settings)
         self.on_step = on_step
+        self.logits = compile_step(masked_logits, graphs=32) if compile else masked_logits
 
-    def guided_predict(self, model, cond, logits_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Predict:
-        """`predict` for `masked_decode`: `logits_fn(prefix, tokens)` on a doubled batch when guided."""
+    def guided_predict(self, model, cond, inputs: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                       stage: int | None = None) -> Predict:
+        """`predict` for `masked_decode`: the model's logits for `inputs(tokens)` (default: the tokens),
+        on a doubled batch when guided."""
         guided = model.has_condition and any(self.guidance.weight(p / 10) != 1.0 for p in range(11))
         prefix = doubled_condition(model, cond, guided, model.prefix_embeddings)
 
+        def logits(tokens: torch.Tensor) -> torch.Tensor:
+            return self.logits(model, prefix, inputs(tokens) if inputs is not None else tokens, stage)
+
         def predict(tokens: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
             if not guided:
-                return logits_fn(prefix, tokens)
-            cond_logits, uncond_logits = logits_fn(prefix, torch.cat([tokens, tokens])).chunk(2)
+                return logits(tokens)
+            cond_logits, uncond_logits = logits(torch.cat([tokens, tokens])).chunk(2)
             return guided_logits(cond_logits.float(), uncond_logits.float(), weights.view(-1, *[1] * (tokens.dim())))
         return predict
 
@@ -149,7 +164,7 @@ class MaskedSampler:
         tokens = init if init is not None else \
             torch.full((batch, model.n_tokens), model.mask_id, dtype=torch.long, device=device)
         generator = torch.Generator(device).manual_seed(self.settings.seed)
-        predict = self.guided_predict(model, cond, model.masked_logits)
+        predict = self.guided_predict(model, cond)
         return masked_decode(predict, tokens, model.mask_id, self.masked.steps, self.settings, self.masked,
                              self.guidance, generator, on_step=self.on_step)
 
@@ -163,8 +178,8 @@ class StreamMaskedSampler(MaskedSampler):
 
     def __init__(self, settings: SamplingConfig, masked: MaskedSamplingConfig | None = None,
                  on_step: StepCallback | None = None,
-                 rescorer: Callable[[torch.Tensor, int, object], torch.Tensor] | None = None):
-        super().__init__(settings, masked or MaskedSamplingConfig.magnet(), on_step)
+                 rescorer: Callable[[torch.Tensor, int, object], torch.Tensor] | None = None, compile: bool = False):
+        super().__init__(settings, masked or MaskedSamplingConfig.magnet(), on_step, compile)
         self.rescorer = rescorer
 
     @torch.no_grad()
@@ -183,8 +198,7 @@ class StreamMaskedSampler(MaskedSampler):
                 full[:, k] = tokens
                 return full
 
-            predict = self.guided_predict(
-                model, cond, lambda prefix, tokens, k=k: model.stage_logits(prefix, with_stream(tokens), k))
+            predict = self.guided_predict(model, cond, with_stream, stage=k)
             rescore = (lambda tokens, k=k: self.rescorer(with_stream(tokens), k, cond)) if self.rescorer else None
             codes[:, k] = masked_decode(predict, codes[:, k], model.mask_id, self.masked.stage_steps[k], self.settings,
                                         self.masked, self.guidance, generator, rescore,
