@@ -39,7 +39,7 @@ train() {
   local budget=$(( $1 * ${BUDGET_PCT:-100} / 100 )) config=$2 start=$SECONDS
   local run; run=runs/$(basename "$config" .yaml)
   if [[ " ${SKIP:-} " == *" $(basename "$config" .yaml) "* ]]; then echo "=== skip $config (SKIP)"; return; fi
-  if [ -f "$run/model.safetensors" ]; then echo "=== $config: already trained in $run (earlier call)"; return; fi
+  if [ -d "$run/checkpoints" ]; then echo "=== $config: already trained in $run (earlier call)"; return; fi
   echo "=== train $config (budget ${budget}s)"
   timeout -s TERM -k 60 "$budget" python3 -m tessera.cli train --config "$config" ${TRAIN_ARGS:-} 2>&1 \
     | tr '\r' '\n' | grep -v "^train .*it/s" || true
@@ -132,14 +132,14 @@ for stage in "$@"; do
       [ -f runs/shapes_classifier/model.safetensors ] || tessera eval train-classifier --shards data/shapes64 --label shape --name FD-shapes-classifier --n 20000 \
         --resolution 64 --epochs 5 --device cuda --out runs/shapes_classifier 2>&1 | tail -1
       for run in next_token_shapes64 var_shapes64 maskgit_shapes64; do
-        [ -f "runs/$run/model.safetensors" ] || { echo "skip $run: not trained"; continue; }
+        [ -d "runs/$run/checkpoints" ] || { echo "skip $run: not trained"; continue; }
         [ ! -f "runs/eval_$run/compositional.json" ] || { echo "skip $run: evaluated by an earlier call"; continue; }
         evaluate compositional "$run" --per-prompt 4 --cfg 3 --batch-size 256
         evaluate fid "$run" --ref data/shapes64_val --n 2000 --cfg 1,3 --batch-size 256 \
           --backbone classifier:runs/shapes_classifier --out "runs/eval_$run/fd_shapes_classifier.json"
       done ;;
     eval_fashion)
-      [ -f runs/next_token_fashion32/model.safetensors ] || { echo "skip eval_fashion: train stage fashion first"; continue; }
+      [ -d runs/next_token_fashion32/checkpoints ] || { echo "skip eval_fashion: train stage fashion first"; continue; }
       tessera eval train-classifier --shards data/fashion --label class --name FD-fashion-classifier --n 60000 \
         --resolution 32 --epochs 5 --device cuda --out runs/fashion_classifier 2>&1 | tail -1
       for backbone in effnet classifier:runs/fashion_classifier; do
@@ -147,7 +147,7 @@ for stage in "$@"; do
           --backbone "$backbone" --out "runs/eval_next_token_fashion32/fd_${backbone%%:*}.json"
       done ;;
     eval_emoji)
-      [ -f runs/next_token_emoji64/model.safetensors ] || { echo "skip eval_emoji: train stage emoji first"; continue; }
+      [ -d runs/next_token_emoji64/checkpoints ] || { echo "skip eval_emoji: train stage emoji first"; continue; }
       tessera eval train-classifier --shards data/emoji --label category --name FD-emoji-classifier --n 20000 \
         --resolution 64 --epochs 10 --device cuda --out runs/emoji_classifier 2>&1 | tail -1
       for backbone in effnet classifier:runs/emoji_classifier; do

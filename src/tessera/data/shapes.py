@@ -32,7 +32,7 @@ NUMBER_WORDS: dict[int, str] = {2: "two", 3: "three", 4: "four"}
 MIN_RESOLUTION, MAX_RESOLUTION = 32, 256
 POSITION_THRESHOLD = 0.1  # GenEval: centre offsets shrink by this fraction of the summed box sizes
 
-_SUPERSAMPLE = 4
+SUPERSAMPLE = 4
 _MARGIN, _GAP = 0.03, 0.05  # normalised: border margin, minimum gap between object boxes
 _SIZES = {1: (0.35, 0.6), 2: (0.25, 0.4), 3: (0.22, 0.32), 4: (0.2, 0.28)}  # normalised sizes by object count
 
@@ -51,14 +51,14 @@ def _regular(n: int, start_deg: float, radii: Sequence[float] = (1.0,)) -> list[
              radii[i % len(radii)] * math.sin(math.radians(start_deg + 360 * i / steps))) for i in range(steps)]
 
 
-_POLYGONS: dict[str, list[tuple[float, float]]] = {
+POLYGONS: dict[str, list[tuple[float, float]]] = {
     "square": [(0.0, 0.0), (1.0, 0.0), (1.0, 1.0), (0.0, 1.0)],
     "triangle": _normalised(_regular(3, -90)),
     "star": _normalised(_regular(5, -90, (1.0, 0.5))),
     "hexagon": _normalised(_regular(6, 0)),
 }
-_EXTENTS: dict[str, tuple[float, float]] = {"circle": (1.0, 1.0)} | {
-    name: (max(p[0] for p in pts), max(p[1] for p in pts)) for name, pts in _POLYGONS.items()}
+EXTENTS: dict[str, tuple[float, float]] = {"circle": (1.0, 1.0)} | {
+    name: (max(p[0] for p in pts), max(p[1] for p in pts)) for name, pts in POLYGONS.items()}
 
 
 def _article(word: str) -> str:
@@ -128,7 +128,7 @@ def relative_position(box_a: Sequence[float], box_b: Sequence[float], cutoff: fl
                                    ("above", dy < -cutoff), ("below", dy > cutoff)) if hit}
 
 
-def _object_list(rng: random.Random, include: list[dict[str, Any]]) -> list[tuple[str, str]]:
+def object_list(rng: random.Random, include: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(class, colour) of every object the metadata asks for; unnamed colours drawn at random."""
     return [(req["class"], req.get("color") or rng.choice(sorted(COLORS)))
             for req in include for _ in range(req["count"])]
@@ -138,7 +138,7 @@ def _boxes_apart(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
     return a[2] + _GAP <= b[0] or b[2] + _GAP <= a[0] or a[3] + _GAP <= b[1] or b[3] + _GAP <= a[1]
 
 
-def _layout(rng: random.Random, classes: list[str], relation: str | None) -> list[tuple[float, ...]]:
+def layout_boxes(rng: random.Random, classes: list[str], relation: str | None) -> list[tuple[float, ...]]:
     """Normalised non-overlapping boxes for `classes`; with `relation`, box 1 stands so to box 0
     (checked with a stricter cutoff than GenEval's, and with no other relation even loosely)."""
     low, high = _SIZES[len(classes)]
@@ -147,7 +147,7 @@ def _layout(rng: random.Random, classes: list[str], relation: str | None) -> lis
         boxes: list[tuple[float, ...]] = []
         for cls in classes:
             size = rng.uniform(low, high) * shrink
-            w, h = _EXTENTS[cls][0] * size, _EXTENTS[cls][1] * size
+            w, h = EXTENTS[cls][0] * size, EXTENTS[cls][1] * size
             for _ in range(30):
                 x0, y0 = rng.uniform(_MARGIN, 1 - _MARGIN - w), rng.uniform(_MARGIN, 1 - _MARGIN - h)
                 box = (x0, y0, x0 + w, y0 + h)
@@ -164,13 +164,14 @@ def _layout(rng: random.Random, classes: list[str], relation: str | None) -> lis
     raise RuntimeError(f"could not lay out {classes} (relation {relation}); this is a bug")
 
 
-def _draw(draw: ImageDraw.ImageDraw, cls: str, box: tuple[float, ...], rgb: tuple[int, int, int], scale: float) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, cls: str, box: tuple[float, ...], rgb: tuple[int, int, int], scale: float) -> None:
+    """Draw shape `cls` filling the normalised `box` (scaled by `scale` pixels) in colour `rgb`."""
     x0, y0, x1, y1 = (v * scale for v in box)
     if cls == "circle":
         draw.ellipse((x0, y0, x1 - 1, y1 - 1), fill=rgb)
     else:
         size = max(x1 - x0, y1 - y0)
-        draw.polygon([(x0 + px * size, y0 + py * size) for px, py in _POLYGONS[cls]], fill=rgb)
+        draw.polygon([(x0 + px * size, y0 + py * size) for px, py in POLYGONS[cls]], fill=rgb)
 
 
 def check_resolution(resolution: int) -> None:
@@ -185,19 +186,19 @@ def render_scene(index: int, seed: int, resolution: int) -> tuple[Image.Image, s
         raise ConfigError(f"index and seed must be >= 0, got index={index}, seed={seed}")
     rng = random.Random(f"tessera-shapes:{seed}:{index}")
     meta = make_prompt(rng, photo=rng.random() < 0.5)
-    objects = _object_list(rng, meta["include"])
+    objects = object_list(rng, meta["include"])
     relation = meta["include"][1]["position"][0] if meta["tag"] == "position" else None
-    boxes = _layout(rng, [cls for cls, _ in objects], relation)
-    canvas = resolution * _SUPERSAMPLE
+    boxes = layout_boxes(rng, [cls for cls, _ in objects], relation)
+    canvas = resolution * SUPERSAMPLE
     image = Image.new("RGB", (canvas, canvas), BACKGROUND)
     draw = ImageDraw.Draw(image)
     records = []
     for (cls, color), box in zip(objects, boxes, strict=True):
-        _draw(draw, cls, box, COLORS[color], canvas)
+        draw_shape(draw, cls, box, COLORS[color], canvas)
         px = [round(v * resolution, 2) for v in box]
         records.append({"class": cls, "color": color, "rgb": list(COLORS[color]), "bbox": px,
                         "center": [round((px[0] + px[2]) / 2, 2), round((px[1] + px[3]) / 2, 2)]})
-    image = image.reduce(_SUPERSAMPLE)  # box average: anti-aliased edges, solid interiors
+    image = image.reduce(SUPERSAMPLE)  # box average: anti-aliased edges, solid interiors
     meta |= {"objects": records, "resolution": resolution}
     return image, meta["prompt"], meta
 

@@ -17,7 +17,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from ..data.shapes import _EXTENTS, _POLYGONS, BACKGROUND, COLORS, SHAPES
+from ..data.shapes import BACKGROUND, COLORS, EXTENTS, POLYGONS, SHAPES
 
 CORE_ALPHA = 0.5  # a pixel is part of an object's core when at least half covered by its colour
 MAX_RESIDUAL = 48.0  # largest RGB distance of a core pixel from its background-to-colour blend line
@@ -81,7 +81,7 @@ def _template_moments(cls: str) -> tuple[float, float, float]:
     """Area and centroid (gx, gy) of shape `cls` drawn at size 1 (the box shapes.py scales)."""
     if cls == "circle":
         return math.pi / 4, 0.5, 0.5
-    pts = _POLYGONS[cls]
+    pts = POLYGONS[cls]
     area = gx = gy = 0.0
     for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[:1], strict=True):
         cross = x0 * y1 - x1 * y0
@@ -97,7 +97,7 @@ def _template_coverage(cls: str, x0: float, y0: float, size: float, shape: tuple
     if cls == "circle":
         draw.ellipse((x0 * s, y0 * s, (x0 + size) * s - 1, (y0 + size) * s - 1), fill=255)
     else:
-        draw.polygon([((x0 + px * size) * s, (y0 + py * size) * s) for px, py in _POLYGONS[cls]], fill=255)
+        draw.polygon([((x0 + px * size) * s, (y0 + py * size) * s) for px, py in POLYGONS[cls]], fill=255)
     return np.asarray(canvas.reduce(s), dtype=np.float32) / 255.0
 
 
@@ -111,7 +111,7 @@ def _fit_template(cls: str, coverage: np.ndarray, area: float, centroid: tuple[f
     unit_area, gx, gy = _template_moments(cls)
     size = math.sqrt(area / unit_area)
     x0, y0 = centroid[0] - gx * size, centroid[1] - gy * size
-    x1, y1 = x0 + _EXTENTS[cls][0] * size, y0 + _EXTENTS[cls][1] * size
+    x1, y1 = x0 + EXTENTS[cls][0] * size, y0 + EXTENTS[cls][1] * size
     left, top = max(0, math.ceil(-x0)) + RING, max(0, math.ceil(-y0)) + RING  # room for blurred template edges
     height = max(coverage.shape[0], math.ceil(y1)) + top + RING
     width = max(coverage.shape[1], math.ceil(x1)) + left + RING
