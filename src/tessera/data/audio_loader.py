@@ -13,6 +13,7 @@ import torch
 import webdataset as wds
 
 from ..config import check_range
+from .epochs import POSITION_KEY, StreamStart, batch_position
 from .loader import ignore_stop_signals
 from .shards import sample_pipeline
 
@@ -42,6 +43,8 @@ def _crop_or_pad(samples: Iterable[dict[str, Any]], length: int, seed: int) -> I
     for sample in samples:
         audio = sample["audio"]
         if len(audio) > length:
+            if POSITION_KEY in sample:
+                rng = random.Random(wds.utils.make_seed(seed, *sample[POSITION_KEY]))
             start = rng.randint(0, len(audio) - length)
             audio = audio[start:start + length]
         valid = len(audio)
@@ -57,15 +60,16 @@ def collate_audio(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_audio_loader(shards: str, batch_size: int, sample_rate: int, clip_seconds: float, *, num_workers: int = 0,
-                      seed: int = 0, shuffle_buffer: int = 1000,
-                      infinite: bool = True) -> torch.utils.data.DataLoader:
+                      seed: int = 0, shuffle_buffer: int = 1000, infinite: bool = True,
+                      start: StreamStart | None = None) -> torch.utils.data.DataLoader:
     """Batches `{"audio": (B, 1, T) float32 in [-1, 1], "lengths": (B,) int64 real samples before
     the zero padding, "text": list[str], "meta": list[dict]}` with T = round(clip_seconds *
     sample_rate) from the audio shard folder `shards`.
 
-    Longer clips are cropped at a seeded random offset, shorter ones zero-padded. Unreadable
+    Longer clips are cropped at a seeded random offset (seeded by the sample's stream position
+    when it has one, so a resumed run crops alike), shorter ones zero-padded. Unreadable
     samples and FLACs at another rate are skipped and counted with a CorruptDataWarning.
-    `infinite` as in `make_image_loader` (False: one pass ending with a partial batch).
+    `infinite` and `start` as in `make_image_loader` (False: one pass ending with a partial batch).
     """
     check_range("batch_size", batch_size, 1)
     check_range("sample_rate", sample_rate, 1)
@@ -74,9 +78,9 @@ def make_audio_loader(shards: str, batch_size: int, sample_rate: int, clip_secon
     length = round(clip_seconds * sample_rate)
     check_range("round(clip_seconds * sample_rate)", length, 1)
     decode = functools.partial(decode_audio_sample, sample_rate=sample_rate)
-    pipeline = sample_pipeline(shards, decode, seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite)
+    pipeline = sample_pipeline(shards, decode, seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite, start=start)
     pipeline.append(functools.partial(_crop_or_pad, length=length, seed=seed))
-    pipeline.append(wds.batched(batch_size, collation_fn=collate_audio, partial=not infinite))
+    pipeline.append(wds.batched(batch_size, collation_fn=batch_position(collate_audio), partial=not infinite))
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,
                                        pin_memory=torch.cuda.is_available(),
                                        worker_init_fn=ignore_stop_signals if num_workers else None)

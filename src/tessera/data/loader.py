@@ -12,6 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from ..config import check_range
+from .epochs import StreamStart, batch_position
 from .shards import decode_sample, read_info, sample_pipeline, to_rgb
 
 
@@ -44,22 +45,24 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def make_image_loader(shards: str, batch_size: int, resolution: int, *, num_workers: int = 0, seed: int = 0,
-                      shuffle_buffer: int = 1000, infinite: bool = True) -> Iterable[dict]:
+                      shuffle_buffer: int = 1000, infinite: bool = True, start: StreamStart | None = None
+                      ) -> Iterable[dict]:
     """Batches `{"image": (B, 3, R, R) float32 in [-1, 1], "text": list[str], "class": (B,) int64
     (-1 where a sample has no class), "meta": list[dict]}` from the shard folder `shards`.
 
     Grayscale and RGBA images become RGB (alpha over white); images not R x R are centre-cropped
-    to a square and resized bicubically. `infinite=True` resamples shards forever (training,
-    seeded per rank and worker); `infinite=False` is one pass split across torch.distributed ranks
-    and DataLoader workers, ending with a partial batch. Unreadable samples are skipped with a
+    to a square and resized bicubically. `infinite=True` reads epochs forever (training; batches
+    carry their stream `position`, and `start` resumes from saved positions, see `epochs.py`);
+    `infinite=False` is one pass split across torch.distributed ranks and DataLoader workers,
+    ending with a partial batch. Unreadable samples are skipped with a
     CorruptDataWarning. `num_workers=0` decodes in this process.
     """
     check_range("batch_size", batch_size, 1)
     check_range("resolution", resolution, 1)
     check_range("num_workers", num_workers, 0)
     decode = functools.partial(_decode_for_training, resolution=resolution)
-    pipeline = sample_pipeline(shards, decode, seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite)
-    pipeline.append(wds.batched(batch_size, collation_fn=collate, partial=not infinite))
+    pipeline = sample_pipeline(shards, decode, seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite, start=start)
+    pipeline.append(wds.batched(batch_size, collation_fn=batch_position(collate), partial=not infinite))
     if num_workers == 0:
         return pipeline
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,

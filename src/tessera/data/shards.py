@@ -25,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from .. import __version__
 from ..checkpoint import atomic_directory
 from ..config import ConfigError, check_range
+from .epochs import StreamStart, epoch_samples, keep_position
 
 INFO_FILE = "dataset.json"
 SHARD_SUFFIX = ".tar"
@@ -239,29 +240,40 @@ def _worker_shuffle(samples: Iterable[Any], bufsize: int, seed: int) -> Iterator
     return wds.shuffle(bufsize, bufsize, rng=rng)(iter(samples))
 
 
+def _read_shards(urls: list[str], handler: SkipCounter, select: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
+    """Raw samples (member bytes grouped by key) of the shard files `urls`, in order."""
+    shards = _open_shards(({"url": url} for url in urls), handler=handler)
+    return group_by_keys(tar_file_expander(shards, handler=handler, select_files=select), handler=handler)
+
+
 def sample_pipeline(shards: str | Path, decode: Callable[[dict[str, Any]], Any], *, seed: int = 0,
                     shuffle_buffer: int = 1000, infinite: bool = True, split: bool = True,
-                    select: Callable[[str], bool] | None = None) -> wds.DataPipeline:
+                    select: Callable[[str], bool] | None = None, start: StreamStart | None = None) -> wds.DataPipeline:
     """Samples from the shards in folder `shards`, each passed through `decode`.
 
-    infinite: shards resampled with replacement forever, seeded per (seed, rank, worker);
-    otherwise one pass, shards shuffled by `seed` and, when `split`, divided among
-    torch.distributed ranks and then DataLoader workers. `shuffle_buffer` (0 = off, and then
-    shards keep their order) shuffles raw samples before decoding. `select` keeps only
-    matching member names. Failures in reading or `decode` are skipped (see SkipCounter).
+    infinite: epochs without end, each slot (rank x worker) reading its share of a per-epoch
+    shard permutation, shuffled within the epoch and tagged with its position (see `epochs.py`;
+    `start` resumes from saved positions); otherwise one pass, shards shuffled by `seed` and,
+    when `split`, divided among torch.distributed ranks and then DataLoader workers.
+    `shuffle_buffer` (0 = off, and then shards keep their order) shuffles raw samples before
+    decoding. `select` keeps only matching member names. Failures in reading or `decode` are
+    skipped (see SkipCounter).
     """
     check_range("shuffle_buffer", shuffle_buffer, 0)
     urls = list_shards(shards)
     counter = SkipCounter(str(shards))
+    read = functools.partial(_read_shards, handler=counter, select=select)
     if infinite:
-        stages: list[Any] = [wds.ResampledShards(urls, seed=seed, deterministic=True)]
+        stages: list[Any] = [functools.partial(epoch_samples, urls, read, seed, shuffle_buffer, start)]
+        decode = keep_position(decode)
     else:
         stages = [wds.SimpleShardList(urls, seed=seed if shuffle_buffer else None)]
         stages += [wds.split_by_node, wds.split_by_worker] if split else []
-    stages += [functools.partial(_open_shards, handler=counter),
-               functools.partial(tar_file_expander, handler=counter, select_files=select),
-               functools.partial(group_by_keys, handler=counter)]
-    if shuffle_buffer > 1:
-        stages.append(functools.partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed))
+        stages += [functools.partial(_open_shards, handler=counter),
+                   functools.partial(tar_file_expander, handler=counter, select_files=select),
+                   functools.partial(group_by_keys, handler=counter)]
+        if shuffle_buffer > 1:
+            stages.append(functools.partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed))
     stages += [wds.map(decode, handler=counter), counter.track]
     return wds.DataPipeline(*stages)
+

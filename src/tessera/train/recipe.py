@@ -43,6 +43,7 @@ class TrainSection(Config):
     ckpt_every: int = 500
     sample_every: int = 500  # 0 disables preview grids
     keep_checkpoints: int = 2
+    max_bad_steps: int = 5  # a non-finite gradient skips the update; this many in a row stop training
     seed: int = 0
 
     def validate(self) -> None:
@@ -56,6 +57,7 @@ class TrainSection(Config):
         check_range("train.keep_checkpoints", self.keep_checkpoints, 1)
         check_range("train.log_every", self.log_every, 1)
         check_range("train.ckpt_every", self.ckpt_every, 1)
+        check_range("train.max_bad_steps", self.max_bad_steps, 1)
 
 
 @dataclass

@@ -2,18 +2,21 @@
 from __future__ import annotations
 
 import json
+import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import is_tensorboard_available, set_seed
+from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..checkpoint import EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, atomic_write_text, resolve_checkpoint
 from ..config import ConfigError
+from ..data.epochs import Position, StreamStart
 from ..data.loader import make_image_loader
 from ..modeling import TesseraModel
 from ..registry import build_model
@@ -47,16 +50,17 @@ def _prepare_assets(recipe: Recipe, run_dir: Path, is_main: bool) -> dict[str, A
     return config
 
 
-def _loader(recipe: Recipe, model: TesseraModel, seed: int):
-    """Infinite training batches of the model's modality from `data.shards`."""
-    data, batch_size = recipe.data, recipe.train.batch_size
+def _loader(recipe: Recipe, model: TesseraModel, start: StreamStart | None):
+    """Infinite training batches of the model's modality from `data.shards`, resuming at `start`."""
+    data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
     if model.modality == "audio":
         from ..data.audio_loader import make_audio_loader
         return make_audio_loader(data.shards, batch_size, model.sample_rate, data.clip_seconds or model.clip_seconds,
-                                 num_workers=data.num_workers, seed=seed, shuffle_buffer=data.shuffle_buffer)
+                                 num_workers=data.num_workers, seed=seed, shuffle_buffer=data.shuffle_buffer,
+                                 start=start)
     resolution = data.resolution or getattr(model.config, "image_size", 0)
     return make_image_loader(data.shards, batch_size, resolution, num_workers=data.num_workers, seed=seed,
-                             shuffle_buffer=data.shuffle_buffer)
+                             shuffle_buffer=data.shuffle_buffer, start=start)
 
 
 def _batch_size(batch: dict[str, Any]) -> int:
@@ -104,13 +108,13 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     ema = EMA(model, t.ema_decay)
-    step = 0
+    step, start = 0, None
     if resume and latest.exists():
-        step = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler)
+        step, start = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
     raw_model: TesseraModel = accelerator.unwrap_model(model)
-    loader = _loader(recipe, raw_model, seed=t.seed + step)
+    loader = _loader(recipe, raw_model, start)
     if accelerator.is_main_process:
         accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
@@ -122,14 +126,25 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     return metrics
 
 
-def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) -> int:
+def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) -> tuple[int, StreamStart | None]:
+    """Load a training checkpoint into the objects; returns its step and the data stream's position."""
     state = load_train_state(ckpt)
     model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
     ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
-    return int(state["step"])
+    data = state.get("data")
+    start = StreamStart(data["slots"], {int(k): tuple(v) for k, v in data["positions"].items()}) if data else None
+    return int(state["step"]), start
+
+
+def _data_position(accelerator: Accelerator, positions: dict[int, Position], slots: int) -> dict[str, Any]:
+    """The stream positions of every loader slot of every rank (a collective call)."""
+    merged: dict[int, Position] = {}
+    for part in gather_object([positions]):
+        merged.update(part)
+    return {"slots": slots, "positions": {str(k): list(v) for k, v in merged.items()}}
 
 
 def _count(model: TesseraModel) -> int:
@@ -140,37 +155,57 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
     t = recipe.train
     data = iter(loader)
     tokens_per_sample = getattr(raw_model, "tokens_per_sample", 0)
+    slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
+    positions: dict[int, Position] = {}
     sums: dict[str, float] = {}
-    count, seen, window_start = 0, 0, time.perf_counter()
+    count, seen, bad_in_a_row, window_start = 0, 0, 0, time.perf_counter()
     metrics: dict[str, Any] = {}
     preview_batch = None
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and accelerator.is_main_process),
                desc=f"train {recipe.model.kind}", dynamic_ncols=True)
     with StopRequest() as stop:
         while step < t.steps and not stop.requested:
+            step_logs: dict[str, Any] = {}
             for _ in range(t.grad_accum):
                 batch = _to_device(next(data), accelerator.device)
+                if "position" in batch:
+                    slot, epoch, emitted = batch.pop("position")
+                    positions[slot] = (epoch, emitted)
                 preview_batch = preview_batch or dict(batch)
                 batch["step"] = step
                 with accelerator.accumulate(model):
                     loss, logs = model(batch)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower train.lr or check the data")
                     accelerator.backward(loss)
-                    if accelerator.sync_gradients and t.grad_clip > 0:
-                        logs["grad_norm"] = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip)
-                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        # Every rank sees the same all-reduced gradients, so all skip a bad step together.
+                        norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                        finite = bool(torch.isfinite(norm))
+                        if finite:
+                            logs["grad_norm"] = norm
+                            optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 seen += _batch_size(batch)
-                for key, value in {"loss": loss.detach(), **logs}.items():  # summed on device: no sync per step
-                    sums[key] = sums.get(key, 0.0) + value / t.grad_accum
-            scheduler.step()
-            ema.update(raw_model)
+                for key, value in {"loss": loss.detach(), **logs}.items():
+                    step_logs[key] = step_logs.get(key, 0.0) + value / t.grad_accum
             step += 1
-            count += 1
+            scheduler.step()
             bar.update(1)
+            if finite:
+                bad_in_a_row = 0
+                ema.update(raw_model)
+                for key, value in step_logs.items():  # summed on device: no sync per step
+                    sums[key] = sums.get(key, 0.0) + value
+                count += 1
+            else:
+                bad_in_a_row += 1
+                message = f"step {step}: loss {float(loss):.4g}, gradient norm not finite"
+                if bad_in_a_row >= t.max_bad_steps:
+                    raise FloatingPointError(f"{message}, {bad_in_a_row} steps in a row; stopping (lower train.lr, "
+                                             f"check the data, or resume from an earlier checkpoint)")
+                warnings.warn(f"{message}: skipped the update ({bad_in_a_row} in a row, "
+                              f"train.max_bad_steps={t.max_bad_steps})", RuntimeWarning, stacklevel=2)
             last = step == t.steps or stop.requested
-            if step % t.log_every == 0 or last:
+            if (step % t.log_every == 0 or last) and count:
                 elapsed = time.perf_counter() - window_start
                 metrics = {k: float(v) / count for k, v in sums.items()}
                 metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
@@ -182,14 +217,16 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                         log.write(json.dumps({"step": step, **metrics}) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 sums, count, seen, window_start = {}, 0, 0, time.perf_counter()
-            if accelerator.is_main_process:
-                if step % t.ckpt_every == 0 or last:
+            if step % t.ckpt_every == 0 or last:
+                data_position = _data_position(accelerator, positions, slots)
+                if accelerator.is_main_process:
                     save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
                         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "ema_updates": ema.updates, "rng": rng_state()}, keep=t.keep_checkpoints)
-                if t.sample_every and (step % t.sample_every == 0 or last):
-                    with ema.applied_to(raw_model):
-                        write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
+                        "ema_updates": ema.updates, "rng": rng_state(), "data": data_position},
+                        keep=t.keep_checkpoints)
+            if accelerator.is_main_process and t.sample_every and (step % t.sample_every == 0 or last):
+                with ema.applied_to(raw_model):
+                    write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
     bar.close()
     metrics["step"] = step
     if stop.requested:
