@@ -1,4 +1,5 @@
-"""`tessera data ...`: write shapes, Fashion-MNIST, emoji or captioned audio as WebDataset shards."""
+"""`tessera data ...`: write shapes, Fashion-MNIST, emoji or captioned audio as WebDataset shards, or
+encode image shards into token shards."""
 from __future__ import annotations
 
 import argparse
@@ -62,10 +63,23 @@ def _audio(args: argparse.Namespace) -> None:
           f"in {len(info['shards'])} shard(s) to {args.out}")
 
 
+def _tokenize(args: argparse.Namespace) -> None:
+    from .tokenize import tokenize_shards
+    _at_least("--batch-size", args.batch_size, 1)
+    _at_least("--per-shard", args.per_shard, 1)
+    if args.resolution is not None:
+        _at_least("--resolution", args.resolution, 1)
+    info = tokenize_shards(args.src, args.out, args.tokenizer, batch_size=args.batch_size, device=args.device,
+                           resolution=args.resolution, per_shard=args.per_shard, progress=True)
+    print(f"{info['tokenizer_kind']} tokens {'x'.join(map(str, info['grid']))} ({info['dtype']}) of "
+          f"{info['count']} images in {len(info['shards'])} shard(s) to {args.out}")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the `data` command and its subcommands (each sets `func` to its handler)."""
     data = subparsers.add_parser("data", help="write a dataset as WebDataset shards "
-                                              "(shapes, fashion-mnist, emoji, audio)")
+                                              "(shapes, fashion-mnist, emoji, audio), "
+                                              "or encode image shards into token shards (tokenize)")
     sub = data.add_subparsers(dest="data_command", required=True)
 
     p = sub.add_parser("shapes", help="procedural captioned shape scenes with GenEval-style ground truth")
@@ -104,3 +118,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--per-shard", type=int, default=2000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0, help="sample order and the instrument clips")
     p.set_defaults(func=_audio)
+
+    p = sub.add_parser("tokenize", help="encode image shards once with a VQ or multi-scale VQ tokenizer into "
+                                        "shards of token arrays (generator training then skips the tokenizer)")
+    p.add_argument("--tokenizer", required=True, help="image tokenizer checkpoint folder (vq, multiscale_vq)")
+    p.add_argument("--in", dest="src", metavar="SHARDS", required=True, help="folder of image shards")
+    p.add_argument("--out", required=True, help="new output folder")
+    p.add_argument("--batch-size", type=int, default=256, help="images encoded at once")
+    p.add_argument("--device", default="auto", help="auto (cuda when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--resolution", type=int, default=None, help="image side fed to the tokenizer "
+                                                                "(default: the tokenizer's image size)")
+    p.add_argument("--per-shard", type=int, default=5000, help="samples per shard")
+    p.set_defaults(func=_tokenize)

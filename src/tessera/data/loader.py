@@ -63,6 +63,11 @@ def make_image_loader(shards: str, batch_size: int, resolution: int, *, num_work
     decode = functools.partial(_decode_for_training, resolution=resolution)
     pipeline = sample_pipeline(shards, decode, seed=seed, shuffle_buffer=shuffle_buffer, infinite=infinite, start=start)
     pipeline.append(wds.batched(batch_size, collation_fn=batch_position(collate), partial=not infinite))
+    return worker_loader(pipeline, num_workers, infinite)
+
+
+def worker_loader(pipeline: wds.DataPipeline, num_workers: int, infinite: bool) -> Iterable[dict]:
+    """The batched `pipeline` itself (`num_workers=0`: read in this process) or a DataLoader over it."""
     if num_workers == 0:
         return pipeline
     return torch.utils.data.DataLoader(pipeline, batch_size=None, num_workers=num_workers,

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from ..checkpoint import EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, atomic_wri
 from ..config import ConfigError
 from ..data.epochs import Position, StreamStart
 from ..data.loader import make_image_loader
+from ..data.token_loader import check_token_shards, make_token_loader, token_shards_info
 from ..modeling import TesseraModel
 from ..registry import build_model
 from .ema import EMA
@@ -25,6 +25,7 @@ from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
 from .stop import StopRequest
+from .throughput import ThroughputMeter, peak_flops, training_flops_per_sample
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
 
 TEXT_TOKENIZER_AUTO = "auto"
@@ -58,6 +59,9 @@ def _loader(recipe: Recipe, model: TesseraModel, start: StreamStart | None):
         return make_audio_loader(data.shards, batch_size, model.sample_rate, data.clip_seconds or model.clip_seconds,
                                  num_workers=data.num_workers, seed=seed, shuffle_buffer=data.shuffle_buffer,
                                  start=start)
+    if token_shards_info(data.shards) is not None:
+        return make_token_loader(data.shards, batch_size, num_workers=data.num_workers, seed=seed,
+                                 shuffle_buffer=data.shuffle_buffer, start=start)
     resolution = data.resolution or getattr(model.config, "image_size", 0)
     return make_image_loader(data.shards, batch_size, resolution, num_workers=data.num_workers, seed=seed,
                              shuffle_buffer=data.shuffle_buffer, start=start)
@@ -104,6 +108,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     model_config = _prepare_assets(recipe, run_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     model = build_model(recipe.model.kind, recipe.model.preset or None, **model_config)
+    if token_shards_info(recipe.data.shards) is not None:
+        if getattr(model, "tokenizer", None) is None:
+            raise ConfigError(f"{recipe.data.shards} holds pre-tokenized shards; {recipe.model.kind} trains on raw data")
+        check_token_shards(recipe.data.shards, model.tokenizer)
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
@@ -151,14 +159,29 @@ def _count(model: TesseraModel) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _throughput_meter(model: TesseraModel, accelerator: Accelerator) -> ThroughputMeter:
+    """Throughput, model FLOPs utilisation (against the GPU's stated bf16 peak) and peak memory;
+    tokenizers, which have no trunk, report samples/s only."""
+    try:
+        flops = training_flops_per_sample(model)
+    except ValueError:
+        flops = 0.0
+    peak, gpu = peak_flops(accelerator.device)
+    if flops and accelerator.is_main_process:
+        stated = f"{peak / 1e12:.0f} TFLOP/s bf16 peak of {gpu}" if peak else f"no known bf16 peak for {gpu}"
+        accelerator.print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per training sample; MFU against the {stated}")
+    return ThroughputMeter(flops, peak, accelerator.num_processes,
+                           getattr(model, "tokens_per_sample", 0) or None, accelerator.device)
+
+
 def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress):
     t = recipe.train
     data = iter(loader)
-    tokens_per_sample = getattr(raw_model, "tokens_per_sample", 0)
+    meter = _throughput_meter(raw_model, accelerator)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     sums: dict[str, float] = {}
-    count, seen, bad_in_a_row, window_start = 0, 0, 0, time.perf_counter()
+    count, bad_in_a_row = 0, 0
     metrics: dict[str, Any] = {}
     preview_batch = None
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and accelerator.is_main_process),
@@ -184,7 +207,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                             logs["grad_norm"] = norm
                             optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                seen += _batch_size(batch)
+                meter.update(_batch_size(batch))
                 for key, value in {"loss": loss.detach(), **logs}.items():
                     step_logs[key] = step_logs.get(key, 0.0) + value / t.grad_accum
             step += 1
@@ -206,17 +229,14 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                               f"train.max_bad_steps={t.max_bad_steps})", RuntimeWarning, stacklevel=2)
             last = step == t.steps or stop.requested
             if (step % t.log_every == 0 or last) and count:
-                elapsed = time.perf_counter() - window_start
                 metrics = {k: float(v) / count for k, v in sums.items()}
-                metrics.update(lr=scheduler.get_last_lr()[0], samples_per_s=seen * accelerator.num_processes / elapsed)
-                if tokens_per_sample:
-                    metrics["tokens_per_s"] = metrics["samples_per_s"] * tokens_per_sample
+                metrics.update(lr=scheduler.get_last_lr()[0], **meter.report())
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
                     with open(run_dir / LOG_FILE, "a") as log:
                         log.write(json.dumps({"step": step, **metrics}) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                sums, count, seen, window_start = {}, 0, 0, time.perf_counter()
+                sums, count = {}, 0
             if step % t.ckpt_every == 0 or last:
                 data_position = _data_position(accelerator, positions, slots)
                 if accelerator.is_main_process:
