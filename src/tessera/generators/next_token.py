@@ -13,6 +13,7 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import AutoregressiveGenerator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
+from ..nn.fused_cross_entropy import fused_linear_cross_entropy
 from .heads import TokenHead, token_cross_entropy
 from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
 
@@ -28,10 +29,12 @@ class NextTokenConfig(ConditionedConfig):
     grid_size: int = 0  # token grid side; 0: taken from the tokenizer
     token_shuffle: int = 1  # window s: s*s tokens merged per trunk position
     z_loss: float = 0.0
+    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many rows at a time (no full logits)
 
     def validate(self) -> None:
         super().validate()
         check_range("token_shuffle", self.token_shuffle, 1, 8)
+        check_range("loss_chunk", self.loss_chunk, 0)
         if not self.tokenizer and (self.vocab_size <= 0 or self.grid_size <= 0):
             raise ConfigError("without a tokenizer, set vocab_size and grid_size explicitly")
         if self.grid_size and self.grid_size % self.token_shuffle:
@@ -94,9 +97,12 @@ class NextTokenGenerator(AutoregressiveGenerator):
         emb = self.token_embedding(units)  # (B, n, s^2, dim)
         return emb[:, :, 0] if self.shuffle is None else self.shuffle.shuffle(emb)
 
+    def _unit_features(self, h: torch.Tensor) -> torch.Tensor:
+        """Trunk outputs (B, n, dim) -> the head's inputs (B, n, s^2, dim) per token of each unit."""
+        return h[:, :, None] if self.shuffle is None else self.shuffle.unshuffle(h)
+
     def _unit_logits(self, h: torch.Tensor) -> torch.Tensor:
-        feats = h[:, :, None] if self.shuffle is None else self.shuffle.unshuffle(h)
-        return self.head(feats)  # (B, n, s^2, V)
+        return self.head(self._unit_features(h))  # (B, n, s^2, V)
 
     @property
     def tokens_per_sample(self) -> int:
@@ -104,10 +110,13 @@ class NextTokenGenerator(AutoregressiveGenerator):
 
     # ----- protocol used by samplers ----------------------------------------------------------------
     def logits_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        return self._unit_logits(self._hidden_all(prefix, units))
+
+    def _hidden_all(self, prefix: torch.Tensor, units: torch.Tensor) -> torch.Tensor:
+        """Trunk outputs predicting units 0..n (B, n + 1, dim) after `prefix` and units 0..n-1."""
         p = prefix.shape[1]
         x = torch.cat([prefix, self._embed_units(units).to(prefix.dtype)], dim=1)
-        h = self.trunk(x, self.rope_positions[: x.shape[1]], AttentionMask.causal())
-        return self._unit_logits(h[:, p - 1:])
+        return self.trunk(x, self.rope_positions[: x.shape[1]], AttentionMask.causal())[:, p - 1:]
 
     def prefill(self, prefix: torch.Tensor, cache: KVCache) -> torch.Tensor:
         p = prefix.shape[1]
@@ -140,8 +149,13 @@ class NextTokenGenerator(AutoregressiveGenerator):
         units = self.units_from_batch(batch)
         cond = self.batch_condition(batch)
         b = units.shape[0]
-        logits = self.logits_all(self.prefix_embeddings(cond, self.condition_dropout(b, units.device)), units[:, :-1])
-        return token_cross_entropy(logits, units, self.config.label_smoothing, self.config.z_loss)
+        h = self._hidden_all(self.prefix_embeddings(cond, self.condition_dropout(b, units.device)), units[:, :-1])
+        smoothing, z_loss = self.config.label_smoothing, self.config.z_loss
+        if self.config.loss_chunk:  # logits never materialised in full
+            feats = self._unit_features(h).flatten(0, -2)
+            return fused_linear_cross_entropy(feats, self.head.proj.weight, units.flatten(), smoothing, z_loss,
+                                              self.config.loss_chunk)
+        return token_cross_entropy(self._unit_logits(h), units, smoothing, z_loss)
 
     # ----- output -----------------------------------------------------------------------------------
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..config import Config, ConfigError, check_range
 from .attention import BACKENDS, PreparedMask, attend, prepare_mask
@@ -104,6 +105,7 @@ class Trunk(nn.Module):
         self.rope = RotaryEmbedding(cfg.head_dim, cfg.rope_axes, cfg.rope_base)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
         self.final_ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 2) if cfg.cond_dim > 0 else None
+        self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         _init_linear_weights(self)
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
@@ -134,8 +136,12 @@ class Trunk(nn.Module):
             kv_pos = torch.arange(kv_len or cache.max_len, device=x.device)
             prepared = prepare_mask(mask, positions, kv_pos, self.config.attention, full_sequence=False)
         rope = self.rope(rope_positions.to(x.device))
+        recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, rope, prepared, cond, cache, layer, positions, kv_len)
+            if recompute:  # keep only block inputs; recompute each block's activations in backward
+                x = checkpoint(block, x, rope, prepared, cond, cache, layer, positions, kv_len, use_reentrant=False)
+            else:
+                x = block(x, rope, prepared, cond, cache, layer, positions, kv_len)
         x = self.norm(x)
         if self.final_ada is not None:
             shift, scale = self.final_ada(cond)

@@ -43,6 +43,8 @@ class TrainSection(Config):
     ckpt_every: int = 500
     sample_every: int = 500  # 0 disables preview grids
     keep_checkpoints: int = 2
+    activation_checkpointing: bool = False  # recompute each trunk block in backward (less memory, ~1/3 more compute)
+    compile: bool = False  # torch.compile the trunk
     max_bad_steps: int = 5  # a non-finite gradient skips the update; this many in a row stop training
     seed: int = 0
 

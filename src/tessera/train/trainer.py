@@ -112,6 +112,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         if getattr(model, "tokenizer", None) is None:
             raise ConfigError(f"{recipe.data.shards} holds pre-tokenized shards; {recipe.model.kind} trains on raw data")
         check_token_shards(recipe.data.shards, model.tokenizer)
+    _configure_trunk(model, recipe)
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
@@ -132,6 +133,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
+
+
+def _configure_trunk(model: TesseraModel, recipe: Recipe) -> None:
+    """Activation checkpointing and torch.compile of the generator's trunk, when the recipe asks."""
+    t, trunk = recipe.train, getattr(model, "trunk", None)
+    if not (t.activation_checkpointing or t.compile):
+        return
+    if trunk is None:
+        raise ConfigError(f"train.activation_checkpointing and train.compile apply to a generator's trunk; "
+                          f"{recipe.model.kind} has none")
+    trunk.activation_checkpointing = t.activation_checkpointing
+    if t.compile:
+        trunk.compile()  # in place: parameter names (and checkpoints) unchanged
 
 
 def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) -> tuple[int, StreamStart | None]:

@@ -1,0 +1,69 @@
+"""Linear layer + cross-entropy without materialising the logits (the liger-kernel idea, in PyTorch).
+
+The rows are processed `chunk` at a time: each chunk's float32 logits give its loss terms and,
+at once, the gradients with respect to the features and the weight. Only those gradients are
+kept for backward, so peak memory holds one chunk of logits (chunk x V) instead of N x V; for
+LlamaGen's 16,384-code vocabulary at 256 tokens x batch 256 that is 4.3 GB of float32 logits
+avoided. Matches `F.cross_entropy(h @ W.T, ...)` with label smoothing and z-loss (parity test).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
+                 z_loss: float, scale: float) -> tuple[torch.Tensor, ...]:
+    """Summed CE, z-term and correct count of one chunk, and the gradient of `scale` * (CE + z_loss * z)
+    with respect to its logits."""
+    logits = (h @ weight.t()).float()
+    lse = torch.logsumexp(logits, -1)
+    log_probs = logits - lse[:, None]
+    nll = -log_probs.gather(-1, target[:, None])[:, 0]
+    ce = (1 - smoothing) * nll - smoothing * log_probs.mean(-1)
+    probs = log_probs.exp()
+    grad = probs * (1 + 2 * z_loss * lse[:, None]) - smoothing / logits.shape[-1]
+    grad.scatter_add_(-1, target[:, None], torch.full_like(grad[:, :1], -(1 - smoothing)))
+    correct = (logits.argmax(-1) == target).sum()
+    return ce.sum(), lse.pow(2).sum(), correct, grad * scale
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, target, smoothing, z_loss, chunk):  # noqa: D401 - autograd signature
+        n = h.shape[0]
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
+        ce = torch.zeros((), dtype=torch.float32, device=h.device)
+        zl, correct = torch.zeros_like(ce), torch.zeros((), dtype=torch.long, device=h.device)
+        for start in range(0, n, chunk):
+            rows = slice(start, min(start + chunk, n))
+            c_ce, c_z, c_correct, grad = _chunk_terms(h[rows], weight, target[rows], smoothing, z_loss, 1.0 / n)
+            ce, zl, correct = ce + c_ce, zl + c_z, correct + c_correct
+            if grad_h is not None:
+                grad_h[rows] = (grad.to(weight.dtype) @ weight).to(h.dtype)
+            if grad_w is not None:
+                grad_w += grad.t() @ h[rows].float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
+        ctx.mark_non_differentiable(correct)
+        return (ce + z_loss * zl) / n, ce / n, zl / n, correct
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):
+        grad_h, grad_w = ctx.saved_tensors
+        return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
+                grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None)
+
+
+def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                               label_smoothing: float = 0.0, z_loss: float = 0.0,
+                               chunk: int = 4096) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean CE (+ z_loss * mean log Z^2) of logits `h @ weight.T` for features h (N, d) and targets (N,),
+    `chunk` rows at a time; also the CE alone, the z-term and the accuracy (as `token_cross_entropy`)."""
+    if h.dim() != 2 or target.shape != h.shape[:1]:
+        raise ValueError(f"features (N, d) and targets (N,) expected, got {tuple(h.shape)} and {tuple(target.shape)}")
+    loss, ce, zl, correct = _FusedLinearCrossEntropy.apply(h, weight, target, label_smoothing, z_loss, max(chunk, 1))
+    logs = {"ce": ce.detach(), "acc": correct.float() / max(h.shape[0], 1)}
+    if z_loss > 0:
+        logs["z_loss"] = zl.detach()
+    return loss, logs
+
