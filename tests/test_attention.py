@@ -4,7 +4,8 @@ import warnings
 import pytest
 import torch
 
-from tessera.nn.attention import BackendUnavailable, attend, check_xformers, prepare_mask
+from tessera.nn.attention import (BackendUnavailable, attend, auto_summary, check_xformers, prepare_mask,
+                                  resolve_backend)
 from tessera.nn.masks import AttentionMask
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -87,3 +88,25 @@ def test_xformers_unavailable_gives_clear_error():
 def test_unknown_backend_is_rejected():
     with pytest.raises(ValueError, match="unknown attention backend"):
         prepare_mask(AttentionMask.causal(), torch.arange(3), torch.arange(3), "flash9", True)
+
+
+def test_auto_picks_per_mask_kind_and_device():
+    """`auto`: FlexAttention for window+sink on CUDA (measured fastest there), SDPA for every other case."""
+    for kind in MASKS:
+        assert resolve_backend("auto", kind, "cpu") == "sdpa"
+        assert resolve_backend("auto", kind, "cuda") == ("flex" if kind == "window_sink" else "sdpa")
+        assert resolve_backend("math", kind, "cuda") == "math"
+    assert auto_summary("cuda") == "window_sink: flex; others: sdpa" and auto_summary("cpu") == "sdpa"
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, L, 8, dtype=torch.float64) for _ in range(3))
+    pos = torch.arange(L)
+    for kind, mask in MASKS.items():
+        out = attend(q, k, v, prepare_mask(mask, pos, pos, "auto", full_sequence=True))
+        torch.testing.assert_close(out, reference(q, k, v, kind, pos, pos))
+
+
+def test_flex_block_mask_of_a_full_sequence_is_built_once():
+    pos = torch.arange(L)
+    mask = AttentionMask.window_sink(window=3, n_sink=2)
+    first = prepare_mask(mask, pos, pos, "flex", full_sequence=True).block_mask
+    assert prepare_mask(mask, pos, pos, "flex", full_sequence=True).block_mask is first

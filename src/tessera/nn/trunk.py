@@ -35,7 +35,7 @@ class TrunkConfig(Config):
     rope_axes: int = 2
     rope_base: float = 10000.0
     dropout: float = 0.0
-    attention: Literal["sdpa", "flex", "xformers", "math"] = "sdpa"
+    attention: Literal["auto", "sdpa", "flex", "xformers", "math"] = "auto"  # auto: per mask, see nn/attention.py
 
     def validate(self) -> None:
         if self.dim % self.n_heads:

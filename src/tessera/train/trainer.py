@@ -19,6 +19,7 @@ from ..data.epochs import Position, StreamStart
 from ..data.loader import make_image_loader
 from ..data.token_loader import check_token_shards, make_token_loader, token_shards_info
 from ..modeling import TesseraModel
+from ..nn.attention import auto_summary
 from ..registry import build_model
 from .ema import EMA
 from .previews import write_preview
@@ -126,8 +127,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     loader = _loader(recipe, raw_model, start)
     if accelerator.is_main_process:
         accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
+        attention = getattr(getattr(raw_model.config, "trunk", None), "attention", "n/a")
+        if attention == "auto":
+            attention += f" ({auto_summary(accelerator.device.type)})"
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
-                          f"attention={getattr(getattr(raw_model.config, 'trunk', None), 'attention', 'n/a')}, "
+                          f"attention={attention}, "
                           f"precision={accelerator.mixed_precision}, device={accelerator.device}")
     metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress)
     accelerator.wait_for_everyone()
