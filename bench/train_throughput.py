@@ -1,0 +1,118 @@
+"""Training throughput of the real trainer (`tessera train`) at VAR-d16's shape: tokens/s, model
+TFLOP/s, MFU against the GPU's stated bf16 peak, and peak memory, for the plain and fast paths
+and under each launch config (single process, DDP, DeepSpeed ZeRO-2 and ZeRO-3).
+
+Shape `d16`: a next-scale generator with VAR-d16's trunk (16 layers, width 1024, 16 heads; text
+condition through AdaLN), a random-weight multi-scale VQ at 256px (scales 1,2,3,4,5,6,8,10,13,16
+= 680 tokens, 4,096 codes), trained from pre-tokenized shards (64px shapes scenes resized to 256px
+and encoded once by `tessera data tokenize`), bf16 autocast, fused AdamW. Each row runs the
+trainer for `--steps` steps and reports the last logging window, so compilation is excluded.
+
+GPU:  source .whl/setup.sh; python3 bench/train_throughput.py --json $OUT/train_bench.json
+      (--launch single,ddp,zero2,zero3 --gpus 2 on a machine with two GPUs)
+CPU smoke:  .venv/bin/python bench/train_throughput.py --shape tiny --rows plain --steps 4
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_BENCH = Path(__file__).resolve().parent
+_ROOT = _BENCH.parent
+for _p in (_ROOT / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+from timing import environment, write_json  # noqa: E402
+
+SHAPES = {
+    "d16": {"trunk": {"dim": 1024, "n_layers": 16, "n_heads": 16}, "image_size": 256, "msvq": "var16",
+            "scales": [1, 2, 3, 4, 5, 6, 8, 10, 13, 16], "tokenizer": {"codebook_size": 4096, "code_dim": 32},
+            "batch": 32, "images": 2048},
+    "tiny": {"trunk": {"dim": 64, "n_layers": 2, "n_heads": 4}, "image_size": 32, "msvq": "tiny",
+             "scales": [1, 2, 4, 8], "tokenizer": {}, "batch": 4, "images": 64},
+}
+ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
+        "compiled": ["train.compile=true"],
+        "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"]}
+LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
+
+
+def prepare(shape: dict[str, Any], folder: Path) -> Path:
+    """Tokenizer and pre-tokenized shards in `folder`; returns the recipe file."""
+    import torch
+
+    from tessera.cli import main
+    from tessera.registry import build_model
+    from tessera.train.recipe import Recipe
+    torch.manual_seed(0)
+    build_model("multiscale_vq", shape["msvq"], image_size=shape["image_size"], scales=shape["scales"],
+                **shape["tokenizer"]).save_pretrained(folder / "msvq")
+    assert main(["data", "shapes", "--n", str(shape["images"]), "--res", "64", "--out", str(folder / "shapes")]) == 0
+    assert main(["data", "tokenize", "--tokenizer", str(folder / "msvq"), "--in", str(folder / "shapes"),
+                 "--out", str(folder / "tokens"), "--resolution", str(shape["image_size"])]) == 0
+    recipe = Recipe.from_dict({
+        "model": {"kind": "next_scale", "config": {"tokenizer": str(folder / "msvq"), "cond": "text",
+                                                   "text_tokenizer": "auto", "trunk": shape["trunk"]}},
+        "data": {"shards": str(folder / "tokens"), "num_workers": 2},
+        "train": {"batch_size": shape["batch"], "sample_every": 0, "ckpt_every": 100000}})
+    path = folder / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    return path
+
+
+def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, gpus: int, steps: int) -> dict[str, Any]:
+    """Train `steps` steps; the last logged window's metrics (tokens/s, MFU, peak memory, ...)."""
+    train = ["-m", "tessera.cli", "train", "--config", str(recipe), f"out={out}", f"train.steps={steps}",
+             f"train.log_every={max(steps // 2, 1)}", *overrides]
+    if launch is None:
+        command = [sys.executable, *train]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                   str(_ROOT / "launch" / "accelerate" / launch), "--num_processes", str(gpus), *train]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=_ROOT,
+                          env={**os.environ, "PYTHONPATH": str(_ROOT / "src")})
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+    return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
+    p.add_argument("--rows", default=",".join(ROWS), help=f"from {','.join(ROWS)}")
+    p.add_argument("--launch", default="single", help=f"comma-separated, from {','.join(LAUNCH)}")
+    p.add_argument("--gpus", type=int, default=1, help="processes for the accelerate launches")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    result: dict[str, Any] = {"benchmark": "train_throughput", "shape": args.shape, "gpus": args.gpus,
+                              "env": environment("cuda" if _cuda() else "cpu"), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = prepare(shape, Path(tmp))
+        for launch in args.launch.split(","):
+            for row in args.rows.split(","):
+                metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus,
+                                  args.steps)
+                result["rows"].append({"row": row, "launch": launch, **metrics})
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                         if k in ("tokens_per_s", "tflops_per_s", "mfu", "peak_mem_gb", "loss", "error")}
+                print(f"{launch} {row}: {shown}", flush=True)
+                write_json(args.json, result)
+    return result
+
+
+def _cuda() -> bool:
+    import torch
+    return torch.cuda.is_available()
+
+
+if __name__ == "__main__":
+    main()
