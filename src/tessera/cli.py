@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -42,7 +43,8 @@ def _train(args: argparse.Namespace) -> None:
         print(recipe.to_yaml())
         return
     metrics = train(recipe, resume=args.resume)
-    print(f"done: step {metrics['step']}, loss {metrics.get('loss', float('nan')):.4f}; run folder {recipe.out}")
+    if int(os.environ.get("RANK", "0")) == 0:  # once per launch, not once per process
+        print(f"done: step {metrics['step']}, loss {metrics.get('loss', float('nan')):.4f}; run folder {recipe.out}")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -1,14 +1,17 @@
 """The one training loop: single process by default, distributed under `accelerate launch`."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
 from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -87,6 +90,27 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    """The Accelerator for this launch: gloo on CPU-only multi-process runs, and DeepSpeed's
+    "auto" batch, accumulation and clipping fields filled from the recipe (its JSON holds bf16)."""
+    t = recipe.train
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if world > 1 and importlib.util.find_spec("deepspeed") is not None:
+        importlib.import_module("deepspeed")  # before the process group exists: a late import can abort at exit
+    accelerator = Accelerator(mixed_precision=None if deepspeed else _mixed_precision(t.mixed_precision),
+                              gradient_accumulation_steps=t.grad_accum,
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
+                              if world > 1 and not torch.cuda.is_available() else [],
+                              log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
+                                       train_batch_size=t.batch_size * t.grad_accum * accelerator.num_processes,
+                                       gradient_clipping=t.grad_clip)
+    return accelerator
+
+
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the recipe's model; returns the final metrics (also written to `out/metrics.json`)."""
     if not recipe.data.shards:
@@ -96,10 +120,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     if latest.exists() and not resume:
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or set out= elsewhere")
     t = recipe.train
-    accelerator = Accelerator(mixed_precision=_mixed_precision(t.mixed_precision),
-                              gradient_accumulation_steps=t.grad_accum,
-                              log_with="tensorboard" if is_tensorboard_available() else None,
-                              project_dir=str(run_dir))
+    accelerator = _accelerator(recipe, run_dir)
     if not is_tensorboard_available():
         accelerator.print("note: tensorboard is not installed (pip install 'tessera[train]'); logging to metrics.json only")
     set_seed(t.seed + accelerator.process_index)
@@ -122,6 +143,10 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     if resume and latest.exists():
         step, start = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if step and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        warnings.warn("resuming under DeepSpeed: weights, EMA, schedule, RNG and data position are restored, but the "
+                      "sharded optimizer moments start afresh (DeepSpeed's own checkpoints are pickles, which tessera "
+                      "does not load)", RuntimeWarning, stacklevel=2)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
     raw_model: TesseraModel = accelerator.unwrap_model(model)
     loader = _loader(recipe, raw_model, start)
@@ -157,7 +182,8 @@ def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) ->
     state = load_train_state(ckpt)
     model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
     ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
-    optimizer.load_state_dict(state["optimizer"])
+    if state["optimizer"] is not None:  # None: saved under DeepSpeed, whose optimizer state is sharded
+        optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
     data = state.get("data")
@@ -186,8 +212,9 @@ def _throughput_meter(model: TesseraModel, accelerator: Accelerator) -> Throughp
         flops = 0.0
     peak, gpu = peak_flops(accelerator.device)
     if flops and accelerator.is_main_process:
-        stated = f"{peak / 1e12:.0f} TFLOP/s bf16 peak of {gpu}" if peak else f"no known bf16 peak for {gpu}"
-        accelerator.print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per training sample; MFU against the {stated}")
+        stated = f"MFU against the {peak / 1e12:.0f} TFLOP/s bf16 peak of {gpu}" if peak else \
+            f"no MFU: no known bf16 peak for {gpu} (set TESSERA_PEAK_TFLOPS)"
+        accelerator.print(f"model FLOPs: {flops / 1e9:.2f} GFLOP per training sample; {stated}")
     return ThroughputMeter(flops, peak, accelerator.num_processes,
                            getattr(model, "tokens_per_sample", 0) or None, accelerator.device)
 
@@ -196,6 +223,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
     t = recipe.train
     data = iter(loader)
     meter = _throughput_meter(raw_model, accelerator)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     sums: dict[str, float] = {}
@@ -220,7 +248,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                     if accelerator.sync_gradients:
                         # Every rank sees the same all-reduced gradients, so all skip a bad step together.
                         norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                        finite = bool(torch.isfinite(norm))
+                        finite = norm is None or math.isfinite(float(norm))  # None: DeepSpeed before its first step
                         if finite:
                             logs["grad_norm"] = norm
                             optimizer.step()
@@ -243,7 +271,8 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 if bad_in_a_row >= t.max_bad_steps:
                     raise FloatingPointError(f"{message}, {bad_in_a_row} steps in a row; stopping (lower train.lr, "
                                              f"check the data, or resume from an earlier checkpoint)")
-                warnings.warn(f"{message}: skipped the update ({bad_in_a_row} in a row, "
+                action = "DeepSpeed's engine applied the update anyway" if deepspeed else "skipped the update"
+                warnings.warn(f"{message}: {action} ({bad_in_a_row} in a row, "
                               f"train.max_bad_steps={t.max_bad_steps})", RuntimeWarning, stacklevel=2)
             last = step == t.steps or stop.requested
             if (step % t.log_every == 0 or last) and count:
@@ -259,9 +288,10 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 data_position = _data_position(accelerator, positions, slots)
                 if accelerator.is_main_process:
                     save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
-                        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "ema_updates": ema.updates, "rng": rng_state(), "data": data_position},
-                        keep=t.keep_checkpoints)
+                        "step": step, "optimizer": None if deepspeed else optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": rng_state(),
+                        "data": data_position}, keep=t.keep_checkpoints)
+                accelerator.wait_for_everyone()
             if accelerator.is_main_process and t.sample_every and (step % t.sample_every == 0 or last):
                 with ema.applied_to(raw_model):
                     write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
