@@ -12,12 +12,9 @@ from pathlib import Path
 
 import deepspeed  # noqa: F401 - a dev dependency; the launch below needs it
 import pytest
-import torch
 
-from tessera.cli import main
 from tessera.modeling import TesseraModel
-from tessera.registry import build_model
-from tessera.train.recipe import Recipe
+from tiny_runs import tiny_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,16 +32,8 @@ def _launch(recipe: Path, out: Path, *extra: str) -> subprocess.CompletedProcess
 
 
 def test_zero2_trains_saves_and_resumes_like_an_uninterrupted_run(tmp_path):
-    assert main(["data", "shapes", "--n", "48", "--res", "32", "--out", str(tmp_path / "shards")]) == 0
-    torch.manual_seed(0)
-    build_model("vq", "tiny").save_pretrained(tmp_path / "vq")
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(Recipe.from_dict({
-        "model": {"kind": "next_token", "preset": "tiny", "config": {"tokenizer": str(tmp_path / "vq"), "cond": "none",
-                                                                      "image_size": 32}},
-        "data": {"shards": str(tmp_path / "shards"), "shuffle_buffer": 0},
-        "train": {"steps": 60, "batch_size": 4, "lr": 5e-3, "warmup_steps": 0, "log_every": 1, "ckpt_every": 4,
-                  "sample_every": 0}}).to_yaml())
+    recipe.write_text(tiny_recipe(tmp_path, train={"steps": 60, "lr": 5e-3, "warmup_steps": 0, "ckpt_every": 4}).to_yaml())
     whole = _launch(recipe, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert whole.stdout.count("done: step 60") == 1  # printed once per launch, not per rank

@@ -6,12 +6,11 @@ import torch
 
 from tessera.generators.heads import token_cross_entropy
 from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy
-from tessera.cli import main
 from tessera.nn.masks import AttentionMask
 from tessera.nn.trunk import Block, Trunk, TrunkConfig
 from tessera.registry import build_model
-from tessera.train.recipe import Recipe
 from tessera.train.trainer import train
+from tiny_runs import tiny_recipe
 
 
 @pytest.mark.parametrize("smoothing,z_loss,chunk", [(0.0, 0.0, 7), (0.1, 1e-3, 16), (0.0, 1e-2, 1000)])
@@ -53,14 +52,7 @@ def test_next_token_fused_loss_matches_plain(shuffle):
 def test_activation_checkpointing_and_compiled_trunk_train_like_the_plain_path(tmp_path):
     """Three training steps with the trunk compiled and its blocks recomputed in backward log the
     same losses as the plain trunk (same seed, same data)."""
-    assert main(["data", "shapes", "--n", "24", "--res", "32", "--out", str(tmp_path / "shards")]) == 0
-    torch.manual_seed(0)
-    build_model("vq", "tiny").save_pretrained(tmp_path / "vq")
-    base = Recipe.from_dict({
-        "model": {"kind": "next_token", "preset": "tiny", "config": {"tokenizer": str(tmp_path / "vq"), "cond": "none",
-                                                                      "image_size": 32}},
-        "data": {"shards": str(tmp_path / "shards"), "shuffle_buffer": 0},
-        "train": {"steps": 3, "batch_size": 4, "log_every": 1, "ckpt_every": 3, "sample_every": 0}})
+    base = tiny_recipe(tmp_path, images=24, train={"steps": 3, "ckpt_every": 3})
     losses = []
     for name, extra in (("plain", []), ("fast", ["train.compile=true", "train.activation_checkpointing=true"])):
         train(base.with_overrides([f"out={tmp_path / name}", *extra]), progress=False)

@@ -15,28 +15,20 @@ import torch
 
 import tessera.train.state as state_module
 from tessera.checkpoint import resolve_checkpoint
-from tessera.cli import main
 from tessera.data.epochs import StreamStart, slot_shards
 from tessera.data.loader import make_image_loader
 from tessera.generators.masked import MaskGITGenerator
-from tessera.registry import build_model
 from tessera.train.recipe import Recipe
 from tessera.train.trainer import train
+from tiny_runs import tiny_recipe
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("resume")
-    assert main(["data", "shapes", "--n", "60", "--res", "32", "--per-shard", "16", "--out", str(root / "shards")]) == 0
-    torch.manual_seed(0)
-    build_model("vq", "tiny").save_pretrained(root / "vq")
-    recipe = Recipe.from_dict({
-        "model": {"kind": "maskgit", "preset": "tiny", "config": {"tokenizer": str(root / "vq"), "cond": "none",
-                                                                   "image_size": 32}},
-        "data": {"shards": str(root / "shards"), "shuffle_buffer": 8},
-        "train": {"steps": 40, "batch_size": 6, "lr": 1e-3, "warmup_steps": 5, "log_every": 1, "ckpt_every": 8,
-                  "sample_every": 0, "keep_checkpoints": 2},
-        "out": str(root / "unused")})
+    recipe = tiny_recipe(root, "maskgit", images=60, per_shard=16, data={"shuffle_buffer": 8},
+                         train={"steps": 40, "batch_size": 6, "lr": 1e-3, "warmup_steps": 5, "ckpt_every": 8,
+                                "keep_checkpoints": 2})
     (root / "recipe.yaml").write_text(recipe.to_yaml())
     return {"root": root, "recipe": root / "recipe.yaml", "shards": root / "shards"}
 
