@@ -66,6 +66,17 @@ evaluate() {
     | tr '\r' '\n' | grep -v "it/s\]$" | tail -3
   echo "=== eval $what $run: $((SECONDS - start)) s"
 }
+# dataset_fd RUN SHARDS LABEL NAME RES EPOCHS FID_ARGS...: FD-EffNetLite0 and the FD of a classifier trained
+# here on the shards' LABEL (class, shape or category), with precision/recall
+dataset_fd() {
+  local run=$1 shards=$2 label=$3 name=$4 res=$5 epochs=$6; shift 6
+  [ -d "runs/$run/checkpoints" ] || { echo "skip $run: not trained (run its training stage first)"; return; }
+  tessera eval train-classifier --shards "$shards" --label "$label" --name "FD-$name-classifier" --n 60000 \
+    --resolution "$res" --epochs "$epochs" --device cuda --out "runs/${name}_classifier" 2>&1 | tail -1
+  for backbone in effnet "classifier:runs/${name}_classifier"; do
+    evaluate fid "$run" "$@" --backbone "$backbone" --out "runs/eval_$run/fd_${backbone%%:*}.json"
+  done
+}
 grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
@@ -139,21 +150,11 @@ for stage in "$@"; do
           --backbone classifier:runs/shapes_classifier --out "runs/eval_$run/fd_shapes_classifier.json"
       done ;;
     eval_fashion)
-      [ -d runs/next_token_fashion32/checkpoints ] || { echo "skip eval_fashion: train stage fashion first"; continue; }
-      tessera eval train-classifier --shards data/fashion --label class --name FD-fashion-classifier --n 60000 \
-        --resolution 32 --epochs 5 --device cuda --out runs/fashion_classifier 2>&1 | tail -1
-      for backbone in effnet classifier:runs/fashion_classifier; do
-        evaluate fid next_token_fashion32 --ref data/fashion_test --n 10000 --cfg 1,2,3 --batch-size 500 \
-          --backbone "$backbone" --out "runs/eval_next_token_fashion32/fd_${backbone%%:*}.json"
-      done ;;
+      dataset_fd next_token_fashion32 data/fashion class fashion 32 5 --ref data/fashion_test --n 10000 --cfg 1,2,3 \
+        --batch-size 500 ;;
     eval_emoji)
-      [ -d runs/next_token_emoji64/checkpoints ] || { echo "skip eval_emoji: train stage emoji first"; continue; }
-      tessera eval train-classifier --shards data/emoji --label category --name FD-emoji-classifier --n 20000 \
-        --resolution 64 --epochs 10 --device cuda --out runs/emoji_classifier 2>&1 | tail -1
-      for backbone in effnet classifier:runs/emoji_classifier; do
-        evaluate fid next_token_emoji64 --ref data/emoji --n 5000 --cfg 1.5,3 --batch-size 250 --top-k 200 \
-          --backbone "$backbone" --out "runs/eval_next_token_emoji64/fd_${backbone%%:*}.json"
-      done ;;
+      dataset_fd next_token_emoji64 data/emoji category emoji 64 10 --ref data/emoji --n 5000 --cfg 1.5,3 \
+        --batch-size 250 --top-k 200 ;;
     bench_masked)
       mkdir -p runs/bench
       python3 bench/masked_sampling.py --warmup 1 --reps 2 --json runs/bench/masked_bench.json 2>&1 \
