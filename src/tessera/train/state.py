@@ -18,22 +18,30 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def rng_state() -> dict[str, Any]:
+    """This process's Python, NumPy, torch and CUDA RNG states as plain data (bytes, ints, lists),
+    which crosses processes (gather) and loads with `weights_only=True`."""
     np_state = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tobytes(), *(v.item() if hasattr(v, "item") else v for v in np_state[2:])],
+        "torch": torch.get_rng_state().numpy().tobytes(),
+        "cuda": [s.numpy().tobytes() for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
     }
 
 
+def _byte_tensor(state: bytes | torch.Tensor) -> torch.Tensor:
+    return state if isinstance(state, torch.Tensor) else torch.frombuffer(bytearray(state), dtype=torch.uint8)
+
+
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what `rng_state` returned (also the tensor form of older checkpoints)."""
     random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
     kind, keys, *rest = state["numpy"]
-    np.random.set_state((kind, keys.numpy(), *rest))
-    torch.set_rng_state(state["torch"])
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.frombuffer(keys, dtype=np.uint32).copy()
+    np.random.set_state((kind, keys, *rest))
+    torch.set_rng_state(_byte_tensor(state["torch"]))
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state_all([_byte_tensor(s) for s in state["cuda"]])
 
 
 def save_training_checkpoint(run_dir: Path, model: TesseraModel, ema_state: dict[str, torch.Tensor],

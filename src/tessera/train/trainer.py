@@ -141,7 +141,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     ema = EMA(model, t.ema_decay)
     step, start = 0, None
     if resume and latest.exists():
-        step, start = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler)
+        step, start = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler,
+                               accelerator.process_index, accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
     if step and accelerator.distributed_type == DistributedType.DEEPSPEED:
         warnings.warn("resuming under DeepSpeed: weights, EMA, schedule, RNG and data position are restored, but the "
@@ -177,15 +178,18 @@ def _configure_trunk(model: TesseraModel, recipe: Recipe) -> None:
         trunk.compile()  # in place: parameter names (and checkpoints) unchanged
 
 
-def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler) -> tuple[int, StreamStart | None]:
-    """Load a training checkpoint into the objects; returns its step and the data stream's position."""
+def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, rank: int,
+             world: int) -> tuple[int, StreamStart | None]:
+    """Load a training checkpoint into the objects (this rank's RNG state when it was saved with
+    as many ranks); returns its step and the data stream's position."""
     state = load_train_state(ckpt)
     model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
     ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
     if state["optimizer"] is not None:  # None: saved under DeepSpeed, whose optimizer state is sharded
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    set_rng_state(state["rng"])
+    states = state["rng"]  # one per rank
+    set_rng_state(states[rank] if len(states) == world else states[0])
     data = state.get("data")
     start = StreamStart(data["slots"], {int(k): tuple(v) for k, v in data["positions"].items()}) if data else None
     return int(state["step"]), start
@@ -286,10 +290,11 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 sums, count = {}, 0
             if step % t.ckpt_every == 0 or last:
                 data_position = _data_position(accelerator, positions, slots)
+                states = gather_object([rng_state()])  # every rank's RNG, in rank order
                 if accelerator.is_main_process:
                     save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
                         "step": step, "optimizer": None if deepspeed else optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": rng_state(),
+                        "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": states,
                         "data": data_position}, keep=t.keep_checkpoints)
                 accelerator.wait_for_everyone()
             if accelerator.is_main_process and t.sample_every and (step % t.sample_every == 0 or last):
