@@ -103,6 +103,10 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
                               if world > 1 and not torch.cuda.is_available() else [],
                               log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
+    if world > 1 and accelerator.distributed_type == DistributedType.NO:
+        raise ConfigError(f"{world} processes were launched but accelerate chose no distributed mode, so they would "
+                          "train unsynchronised copies (FSDP needs GPUs; on a CPU use the DDP or DeepSpeed recipes "
+                          "in docs/training_at_scale.md)")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
@@ -204,7 +208,8 @@ def _data_position(accelerator: Accelerator, positions: dict[int, Position], slo
 
 
 def _count(model: TesseraModel) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+    """Trainable parameters (their full size under ZeRO-3, where each rank holds a shard)."""
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
 
 
 def _throughput_meter(model: TesseraModel, accelerator: Accelerator) -> ThroughputMeter:
@@ -228,6 +233,11 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
     data = iter(loader)
     meter = _throughput_meter(raw_model, accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+    previews = bool(t.sample_every) and not zero3
+    if t.sample_every and zero3:
+        warnings.warn("no preview grids under ZeRO-3: sampling on one rank would wait for the other ranks' "
+                      "parameter shards", RuntimeWarning, stacklevel=2)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     sums: dict[str, float] = {}
@@ -297,7 +307,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                         "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": states,
                         "data": data_position}, keep=t.keep_checkpoints)
                 accelerator.wait_for_everyone()
-            if accelerator.is_main_process and t.sample_every and (step % t.sample_every == 0 or last):
+            if accelerator.is_main_process and previews and (step % t.sample_every == 0 or last):
                 with ema.applied_to(raw_model):
                     write_preview(raw_model, preview_batch, run_dir / "samples" / f"step-{step:07d}.png")
     bar.close()
