@@ -73,7 +73,8 @@ def resolve_backend(backend: str, mask_kind: str, device_type: str) -> str:
     if backend != "auto":
         return backend
     choice = "flex" if mask_kind in FLEX_FASTEST and device_type == "cuda" else "sdpa"
-    _log_choice(mask_kind, device_type, choice)
+    if not torch.compiler.is_compiling():  # logging would break a compiled graph
+        _log_choice(mask_kind, device_type, choice)
     return choice
 
 
