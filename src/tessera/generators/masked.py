@@ -21,6 +21,7 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import Generator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
+from ..nn.fused_cross_entropy import fused_linear_cross_entropy
 from .heads import TokenHead
 from .masking import MaskSchedule, mask_ratio, random_token_mask, span_mask
 
@@ -32,9 +33,11 @@ class MaskedConfig(ConditionedConfig):
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     tokenizer: str = ""  # tokenizer checkpoint folder; copied into this model's checkpoint
     mask_schedule: MaskSchedule = "cosine"  # training mask ratio gamma(r), r ~ U(0, 1)
+    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many masked rows at a time
 
     def validate(self) -> None:
         super().validate()
+        check_range("loss_chunk", self.loss_chunk, 0)
         if not self.tokenizer:
             raise ConfigError("a masked generator needs tokenizer: a tokenizer checkpoint folder")
         mask_ratio(self.mask_schedule, torch.zeros(1))  # names a bad schedule
@@ -72,12 +75,19 @@ class MaskedGenerator(Generator):
     def draw_ratios(self, b: int, device: torch.device) -> torch.Tensor:
         return mask_ratio(self.config.mask_schedule, torch.rand(b, device=device))
 
-    def masked_cross_entropy(self, logits: torch.Tensor, targets: torch.Tensor,
+    def masked_cross_entropy(self, h: torch.Tensor, head: TokenHead, targets: torch.Tensor,
                              where: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Mean CE (with label smoothing) over the positions in `where`, and its accuracy."""
-        picked = logits[where].float()
-        loss = F.cross_entropy(picked, targets[where], label_smoothing=self.config.label_smoothing)
-        acc = (picked.argmax(-1) == targets[where]).float().mean()
+        """Mean CE (with label smoothing) of `head` over the trunk outputs `h` at the positions in
+        `where` (logits of those rows only; fused when `loss_chunk`), and its accuracy."""
+        rows, target = h[where], targets[where]
+        if self.config.loss_chunk:
+            loss, logs = fused_linear_cross_entropy(rows, head.proj.weight, target, self.config.label_smoothing,
+                                                    chunk=self.config.loss_chunk)
+            acc = logs["acc"]
+        else:
+            picked = head(rows).float()
+            loss = F.cross_entropy(picked, target, label_smoothing=self.config.label_smoothing)
+            acc = (picked.argmax(-1) == target).float().mean()
         return loss, {"acc": acc.detach(), "masked_frac": where.float().mean().detach()}
 
 
@@ -113,8 +123,11 @@ class MaskGITGenerator(MaskedGenerator):
 
     def masked_logits(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """(B, N) tokens with `mask_id` where unknown -> logits (B, N, V) at every position."""
-        h = self.hidden(prefix, self.token_embedding(tokens), self.rope_positions, AttentionMask.bidirectional())
-        return self.head(h)
+        return self.head(self.masked_hidden(prefix, tokens))
+
+    def masked_hidden(self, prefix: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N) tokens with `mask_id` where unknown -> trunk outputs (B, N, dim)."""
+        return self.hidden(prefix, self.token_embedding(tokens), self.rope_positions, AttentionMask.bidirectional())
 
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if "tokens" in batch:
@@ -124,8 +137,8 @@ class MaskGITGenerator(MaskedGenerator):
                 tokens = self.tokenizer.encode(batch["image"]).flatten(1)
         b, device = tokens.shape[0], tokens.device
         masked = random_token_mask(self.draw_ratios(b, device), self.n_tokens)
-        logits = self.masked_logits(self.training_prefix(batch, b, device), tokens.masked_fill(masked, self.mask_id))
-        loss, logs = self.masked_cross_entropy(logits, tokens, masked)
+        h = self.masked_hidden(self.training_prefix(batch, b, device), tokens.masked_fill(masked, self.mask_id))
+        loss, logs = self.masked_cross_entropy(h, self.head, tokens, masked)
         return loss, {"ce": loss.detach(), **logs}
 
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:
@@ -195,10 +208,14 @@ class MAGNeTGenerator(MaskedGenerator):
 
     def stage_logits(self, prefix: torch.Tensor, codes: torch.Tensor, stage: int) -> torch.Tensor:
         """(B, K, T) codes (`mask_id` where unknown) -> logits (B, T, V) of stream `stage`."""
+        return self.heads[stage](self.stage_hidden(prefix, codes, stage))
+
+    def stage_hidden(self, prefix: torch.Tensor, codes: torch.Tensor, stage: int) -> torch.Tensor:
+        """(B, K, T) codes -> trunk outputs (B, T, dim) under stream `stage`'s attention mask."""
         x = sum(table(codes[:, k]) for k, table in enumerate(self.stream_embeddings))
         p, t = prefix.shape[1], codes.shape[-1]
         positions = torch.cat([torch.zeros(p, device=codes.device), torch.arange(t, device=codes.device)])[:, None]
-        return self.heads[stage](self.hidden(prefix, x, positions.float(), self.stage_mask(stage, p)))
+        return self.hidden(prefix, x, positions.float(), self.stage_mask(stage, p))
 
     def batch_codes(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """(codes (B, K, T), valid frames (B, T)) from `codes` or encoded from `audio` (+ `lengths`)."""
@@ -223,9 +240,9 @@ class MAGNeTGenerator(MaskedGenerator):
         inputs = codes.clone()
         inputs[:, stage] = codes[:, stage].masked_fill(masked, self.mask_id)
         inputs[:, stage + 1:] = self.mask_id
-        logits = self.stage_logits(self.training_prefix(batch, b, device), inputs, stage)
+        h = self.stage_hidden(self.training_prefix(batch, b, device), inputs, stage)
         where = masked if masked.any() else valid
-        loss, logs = self.masked_cross_entropy(logits, codes[:, stage], where)
+        loss, logs = self.masked_cross_entropy(h, self.heads[stage], codes[:, stage], where)
         return loss, {"ce": loss.detach(), **logs}
 
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:

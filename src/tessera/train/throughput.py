@@ -17,6 +17,7 @@ import time
 import torch
 from torch import nn
 
+from ..generators.masking import mask_ratio
 from ..nn.layers import swiglu_hidden
 from ..nn.trunk import TrunkConfig
 
@@ -96,13 +97,20 @@ def _scale_sequence(model: nn.Module) -> tuple[int, float]:
     return model.seq_len, inputs * per_row_flops(model.input_proj) + model.seq_len * per_row_flops(model.head)
 
 
+def expected_masked_fraction(model: nn.Module) -> float:
+    """Mean training mask ratio of a masked generator's schedule (cosine: 2 / pi): its heads run
+    on the masked positions only."""
+    return float(mask_ratio(model.config.mask_schedule, torch.linspace(0.0, 1.0, 10001)).mean())
+
+
 def _maskgit(model: nn.Module) -> tuple[int, float]:
-    return model.prefix.length + model.n_tokens, model.n_tokens * per_row_flops(model.head)
+    rows = model.n_tokens * expected_masked_fraction(model)
+    return model.prefix.length + model.n_tokens, rows * per_row_flops(model.head)
 
 
 def _magnet(model: nn.Module) -> tuple[int, float]:
-    frames = model.max_frames  # one stream's head per training step
-    return model.prefix.length + frames, frames * per_row_flops(model.heads[0])
+    frames = model.max_frames  # one stream's head per training step, on its masked frames
+    return model.prefix.length + frames, frames * expected_masked_fraction(model) * per_row_flops(model.heads[0])
 
 
 # kind -> (trunk sequence length, forward FLOPs of one sample outside the trunk)
