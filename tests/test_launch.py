@@ -266,7 +266,6 @@ def assert_run_folder(run: Path, steps: int) -> None:
 def test_two_process_cpu_deepspeed_zero2_from_the_launch_config(tmp_path):
     """launch/accelerate/zero2.yaml as shipped, on CPU: DeepSpeed needs the gloo group the trainer asks for on
     CPU-only machines (ACCELERATE_USE_CPU=1 would silently drop DeepSpeed, so it is not set)."""
-    pytest.importorskip("deepspeed")  # the [deepspeed] extra
     recipe = vq_recipe(tmp_path)
     proc, records = launch_two_cpu_processes(
         recipe, tmp_path / "w", ["--config_file", "launch/accelerate/zero2.yaml", "--num_processes", "2"], use_cpu=False)

@@ -6,12 +6,15 @@ a half-written checkpoint where a complete one was expected. Only safetensors ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+import torch
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
@@ -76,3 +79,13 @@ def read_header(path: str | Path) -> dict[str, Any]:
     if not isinstance(header, dict) or "kind" not in header or "config" not in header:
         raise CheckpointError(f"{path / CONFIG_FILE} is not a tessera checkpoint header (needs 'kind' and 'config')")
     return header
+
+
+def state_digest(state: dict[str, torch.Tensor]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in key order."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

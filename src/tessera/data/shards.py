@@ -240,10 +240,15 @@ def _worker_shuffle(samples: Iterable[Any], bufsize: int, seed: int) -> Iterator
     return wds.shuffle(bufsize, bufsize, rng=rng)(iter(samples))
 
 
-def _read_shards(urls: list[str], handler: SkipCounter, select: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
-    """Raw samples (member bytes grouped by key) of the shard files `urls`, in order."""
-    shards = _open_shards(({"url": url} for url in urls), handler=handler)
-    return group_by_keys(tar_file_expander(shards, handler=handler, select_files=select), handler=handler)
+def _read_shards(shards: Iterable[dict[str, Any]], handler: SkipCounter,
+                 select: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
+    """Raw samples (member bytes grouped by key) of the shards `{"url": path}`, in order."""
+    opened = _open_shards(shards, handler=handler)
+    return group_by_keys(tar_file_expander(opened, handler=handler, select_files=select), handler=handler)
+
+
+def _read_urls(urls: list[str], handler: SkipCounter, select: Callable[[str], bool] | None) -> Iterator[dict[str, Any]]:
+    return _read_shards(({"url": url} for url in urls), handler, select)
 
 
 def sample_pipeline(shards: str | Path, decode: Callable[[dict[str, Any]], Any], *, seed: int = 0,
@@ -262,18 +267,15 @@ def sample_pipeline(shards: str | Path, decode: Callable[[dict[str, Any]], Any],
     check_range("shuffle_buffer", shuffle_buffer, 0)
     urls = list_shards(shards)
     counter = SkipCounter(str(shards))
-    read = functools.partial(_read_shards, handler=counter, select=select)
     if infinite:
+        read = functools.partial(_read_urls, handler=counter, select=select)
         stages: list[Any] = [functools.partial(epoch_samples, urls, read, seed, shuffle_buffer, start)]
         decode = keep_position(decode)
     else:
         stages = [wds.SimpleShardList(urls, seed=seed if shuffle_buffer else None)]
         stages += [wds.split_by_node, wds.split_by_worker] if split else []
-        stages += [functools.partial(_open_shards, handler=counter),
-                   functools.partial(tar_file_expander, handler=counter, select_files=select),
-                   functools.partial(group_by_keys, handler=counter)]
+        stages.append(functools.partial(_read_shards, handler=counter, select=select))
         if shuffle_buffer > 1:
             stages.append(functools.partial(_worker_shuffle, bufsize=shuffle_buffer, seed=seed))
     stages += [wds.map(decode, handler=counter), counter.track]
     return wds.DataPipeline(*stages)
-

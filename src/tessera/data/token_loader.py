@@ -10,12 +10,13 @@ import numpy as np
 import torch
 import webdataset as wds
 
+from ..checkpoint import state_digest
 from ..config import ConfigError, check_range
 from ..modeling import TesseraModel
 from .epochs import StreamStart, batch_position
 from .loader import worker_loader
 from .shards import read_info, sample_pipeline
-from .tokenize import TOKEN_MEMBER, TOKENS_KIND, weights_digest
+from .tokenize import TOKEN_MEMBER, TOKENS_KIND
 
 
 def token_shards_info(shards: str | Path) -> dict[str, Any] | None:
@@ -38,7 +39,7 @@ def check_token_shards(shards: str | Path, tokenizer: TesseraModel | str | Path)
     info = _require_token_shards(shards)
     if not isinstance(tokenizer, TesseraModel):
         tokenizer = TesseraModel.from_pretrained(tokenizer)
-    digest = weights_digest(tokenizer)
+    digest = state_digest(tokenizer.state_dict())
     if digest != info.get("tokenizer_digest"):
         raise ConfigError(f"{shards} was tokenized by the {info.get('tokenizer_kind')} tokenizer "
                           f"{info.get('tokenizer')} (digest {str(info.get('tokenizer_digest'))[:12]}), not by this "

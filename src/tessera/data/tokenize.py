@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import io
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ import torch
 import webdataset as wds
 from tqdm.auto import tqdm
 
-from ..checkpoint import read_header
+from ..checkpoint import read_header, state_digest
 from ..config import ConfigError, check_range
 from ..modeling import TesseraModel
 from .loader import image_to_tensor
@@ -38,21 +37,11 @@ class TokenDatasetInfo(DatasetInfo):
     kind: str = TOKENS_KIND
     tokenizer: str = ""  # the tokenizer folder (absolute path)
     tokenizer_kind: str = ""
-    tokenizer_digest: str = ""  # `weights_digest` of the loaded tokenizer
+    tokenizer_digest: str = ""  # `state_digest` of the loaded tokenizer's state dict
     grid: list[int] = dataclasses.field(default_factory=list)  # one sample's token array shape
     vocab_size: int = 0
     dtype: str = ""
     source_shards: str = ""
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """sha256 over a model's state dict (names, dtypes, shapes and bytes, in name order)."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -133,7 +122,7 @@ def tokenize_shards(src: str | Path, out: str | Path, tokenizer_path: str | Path
         raise ConfigError(f"--out {out} exists; give a new folder")
     run_on = _pick_device(device)
     tokenizer = load_image_tokenizer(tokenizer_path)
-    digest = weights_digest(tokenizer)
+    digest = state_digest(tokenizer.state_dict())
     tokenizer.to(run_on)
     resolution = tokenizer.config.image_size if resolution is None else resolution
     check_range("resolution", resolution, 1)

@@ -17,7 +17,6 @@ where C is 1 (repeated to RGB) or 3.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 from pathlib import Path
 from typing import Protocol, Sequence
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError
+from ..checkpoint import CheckpointError, state_digest
 
 WEIGHTS_ENV = "TESSERA_EFFNET_WEIGHTS"
 
@@ -42,16 +41,6 @@ class FeatureBackbone(Protocol):
     def tag(self) -> str: ...
 
     def features(self, images: torch.Tensor, batch_size: int = 64) -> torch.Tensor: ...
-
-
-def state_digest(state: dict[str, torch.Tensor]) -> str:
-    """SHA-256 over the names, dtypes, shapes and bytes of a state dict's tensors, in key order."""
-    h = hashlib.sha256()
-    for key in sorted(state):
-        t = state[key].detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 def check_images(images: torch.Tensor) -> None:

@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory
-from .backbones import (_batched_features, _resize, as_rgb_float, check_images, check_state_dict, read_state_dict,
-                        state_digest)
+from ..checkpoint import CONFIG_FILE, WEIGHTS_FILE, CheckpointError, atomic_directory, state_digest
+from .backbones import _batched_features, _resize, as_rgb_float, check_images, check_state_dict, read_state_dict
 
 CLASSIFIER_KIND = "fd_feature_classifier"
 

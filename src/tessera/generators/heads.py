@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..nn.fused_cross_entropy import fused_linear_cross_entropy
 from ..nn.layers import AdaLNModulation, RMSNorm, SwiGLU, modulate
 
 
@@ -35,6 +36,16 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
         loss = loss + z_loss * zl
         logs["z_loss"] = zl.detach()
     return loss, logs
+
+
+def head_cross_entropy(head: TokenHead, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
+                       z_loss: float = 0.0, chunk: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`token_cross_entropy` of `head` over features h (..., dim) and targets (...); with `chunk` > 0
+    the fused linear cross-entropy, `chunk` rows at a time, never holding the full logits."""
+    if chunk:
+        return fused_linear_cross_entropy(h.flatten(0, -2), head.proj.weight, targets.flatten(), label_smoothing,
+                                          z_loss, chunk)
+    return token_cross_entropy(head(h), targets, label_smoothing, z_loss)
 
 
 FlowTimeSampling = Literal["uniform", "logit_normal"]

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ConfigError, check_range
@@ -21,8 +20,7 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import Generator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
-from ..nn.fused_cross_entropy import fused_linear_cross_entropy
-from .heads import TokenHead
+from .heads import TokenHead, head_cross_entropy
 from .masking import MaskSchedule, mask_ratio, random_token_mask, span_mask
 
 
@@ -79,16 +77,9 @@ class MaskedGenerator(Generator):
                              where: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Mean CE (with label smoothing) of `head` over the trunk outputs `h` at the positions in
         `where` (logits of those rows only; fused when `loss_chunk`), and its accuracy."""
-        rows, target = h[where], targets[where]
-        if self.config.loss_chunk:
-            loss, logs = fused_linear_cross_entropy(rows, head.proj.weight, target, self.config.label_smoothing,
-                                                    chunk=self.config.loss_chunk)
-            acc = logs["acc"]
-        else:
-            picked = head(rows).float()
-            loss = F.cross_entropy(picked, target, label_smoothing=self.config.label_smoothing)
-            acc = (picked.argmax(-1) == target).float().mean()
-        return loss, {"acc": acc.detach(), "masked_frac": where.float().mean().detach()}
+        loss, logs = head_cross_entropy(head, h[where], targets[where], self.config.label_smoothing,
+                                        chunk=self.config.loss_chunk)
+        return loss, {"acc": logs["acc"], "masked_frac": where.float().mean().detach()}
 
 
 @dataclass

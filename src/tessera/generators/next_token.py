@@ -13,8 +13,7 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import AutoregressiveGenerator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
-from ..nn.fused_cross_entropy import fused_linear_cross_entropy
-from .heads import TokenHead, token_cross_entropy
+from .heads import TokenHead, head_cross_entropy
 from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
 
 
@@ -150,12 +149,8 @@ class NextTokenGenerator(AutoregressiveGenerator):
         cond = self.batch_condition(batch)
         b = units.shape[0]
         h = self._hidden_all(self.prefix_embeddings(cond, self.condition_dropout(b, units.device)), units[:, :-1])
-        smoothing, z_loss = self.config.label_smoothing, self.config.z_loss
-        if self.config.loss_chunk:  # logits never materialised in full
-            feats = self._unit_features(h).flatten(0, -2)
-            return fused_linear_cross_entropy(feats, self.head.proj.weight, units.flatten(), smoothing, z_loss,
-                                              self.config.loss_chunk)
-        return token_cross_entropy(self._unit_logits(h), units, smoothing, z_loss)
+        c = self.config
+        return head_cross_entropy(self.head, self._unit_features(h), units, c.label_smoothing, c.z_loss, c.loss_chunk)
 
     # ----- output -----------------------------------------------------------------------------------
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:

@@ -5,10 +5,12 @@ H100 (bf16, forward + backward, issue 6): cuDNN SDPA was fastest for causal and 
 and, with a dense mask, for VAR's block-causal mask at 680 and 2,240 tokens (1.43 ms against
 1.66 ms for compiled FlexAttention at 680), while compiled FlexAttention with a cached block mask
 won for window+sink (1.94 ms against 7.58 ms at 8,192 tokens). So: FlexAttention for window+sink
-on CUDA, SDPA otherwise (MAGNeT's band mask was not measured and stays on SDPA). A mask is prepared once per forward pass
-(`prepare_mask`) and reused by every layer. One case takes a dedicated kernel under the sdpa
-and flex backends: a single causal query against a KV cache (incremental decoding) on a device
-where Triton runs goes to `decode_attention`, which reads only the cache slots written so far.
+on CUDA, SDPA otherwise (MAGNeT's band mask was not measured and stays on SDPA).
+
+A mask is prepared once per forward pass (`prepare_mask`) and reused by every layer. One case
+takes a dedicated kernel under the sdpa and flex backends: a single causal query against a KV
+cache (incremental decoding) on a device where Triton runs goes to `decode_attention`, which
+reads only the cache slots written so far.
 """
 from __future__ import annotations
 

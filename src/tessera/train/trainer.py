@@ -55,15 +55,16 @@ def _prepare_assets(recipe: Recipe, run_dir: Path, is_main: bool) -> dict[str, A
     return config
 
 
-def _loader(recipe: Recipe, model: TesseraModel, start: StreamStart | None):
-    """Infinite training batches of the model's modality from `data.shards`, resuming at `start`."""
+def _loader(recipe: Recipe, model: TesseraModel, start: StreamStart | None, tokens: bool):
+    """Infinite training batches of the model's modality from `data.shards` (token arrays when `tokens`),
+    resuming at `start`."""
     data, batch_size, seed = recipe.data, recipe.train.batch_size, recipe.train.seed
     if model.modality == "audio":
         from ..data.audio_loader import make_audio_loader
         return make_audio_loader(data.shards, batch_size, model.sample_rate, data.clip_seconds or model.clip_seconds,
                                  num_workers=data.num_workers, seed=seed, shuffle_buffer=data.shuffle_buffer,
                                  start=start)
-    if token_shards_info(data.shards) is not None:
+    if tokens:
         return make_token_loader(data.shards, batch_size, num_workers=data.num_workers, seed=seed,
                                  shuffle_buffer=data.shuffle_buffer, start=start)
     resolution = data.resolution or getattr(model.config, "image_size", 0)
@@ -134,7 +135,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     model_config = _prepare_assets(recipe, run_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     model = build_model(recipe.model.kind, recipe.model.preset or None, **model_config)
-    if token_shards_info(recipe.data.shards) is not None:
+    tokens = token_shards_info(recipe.data.shards) is not None
+    if tokens:
         if getattr(model, "tokenizer", None) is None:
             raise ConfigError(f"{recipe.data.shards} holds pre-tokenized shards; {recipe.model.kind} trains on raw data")
         check_token_shards(recipe.data.shards, model.tokenizer)
@@ -154,7 +156,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
                       "does not load)", RuntimeWarning, stacklevel=2)
     ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
     raw_model: TesseraModel = accelerator.unwrap_model(model)
-    loader = _loader(recipe, raw_model, start)
+    loader = _loader(recipe, raw_model, start, tokens)
     if accelerator.is_main_process:
         accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
         attention = getattr(getattr(raw_model.config, "trunk", None), "attention", "n/a")
@@ -192,7 +194,7 @@ def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, ra
     if state["optimizer"] is not None:  # None: saved under DeepSpeed, whose optimizer state is sharded
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    states = state["rng"]  # one per rank
+    states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank (older: rank 0's)
     set_rng_state(states[rank] if len(states) == world else states[0])
     data = state.get("data")
     start = StreamStart(data["slots"], {int(k): tuple(v) for k, v in data["positions"].items()}) if data else None
