@@ -1,4 +1,5 @@
 """A tiny training run for trainer tests: shapes shards, a random tiny VQ and a recipe over them."""
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,3 +24,21 @@ def tiny_recipe(folder: Path, kind: str = "next_token", images: int = 48, per_sh
         "data": {"shards": str(folder / "shards"), "shuffle_buffer": 0, **(data or {})},
         "train": {"batch_size": 4, "log_every": 1, "sample_every": 0, **(train or {})},
         "out": str(folder / "run")})
+
+
+def nan_losses_at(steps: set[int]) -> None:
+    """Make the next-token generator's loss NaN at the given (0-based) training steps (the `__main__`
+    below does it in processes started by `accelerate launch`, which pytest's monkeypatch cannot reach)."""
+    from tessera.generators.next_token import NextTokenGenerator
+    real_loss = NextTokenGenerator.loss
+
+    def sometimes_nan(self, batch):
+        loss, logs = real_loss(self, batch)
+        return (loss * float("nan"), logs) if batch["step"] in steps else (loss, logs)
+
+    NextTokenGenerator.loss = sometimes_nan
+
+
+if __name__ == "__main__":  # `tiny_runs.py STEPS ARGS...`: `tessera ARGS...` with NaN losses at STEPS (e.g. 1,2)
+    nan_losses_at({int(s) for s in sys.argv[1].split(",")})
+    sys.exit(main(sys.argv[2:]))

@@ -46,8 +46,10 @@ class Quantizer(nn.Module):
         self.register_buffer("usage", torch.ones(codebook_size))
 
     def codebook(self) -> torch.Tensor:
-        """The (K, D) code vectors used for lookup (unit-normalised when `l2_norm`)."""
-        weight = self.embedding.weight.float()
+        """The (K, D) code vectors used for lookup (unit-normalised when `l2_norm`). Read through the
+        embedding's forward: DeepSpeed ZeRO-3 shards parameters and gathers them around their own
+        module's forward and backward only."""
+        weight = self.embedding(torch.arange(self.codebook_size, device=self.usage.device)).float()
         return F.normalize(weight, dim=1) if self.l2_norm else weight
 
     def prepare(self, z: torch.Tensor) -> torch.Tensor:

@@ -18,10 +18,12 @@ class EMA:
         self.shadow = {k: v.detach().float().clone() for k, v in model.trainable_state_dict().items()}
 
     @torch.no_grad()
-    def update(self, model: TesseraModel) -> None:
+    def update(self, model: TesseraModel, live: dict[str, torch.Tensor] | None = None) -> None:
+        """Average in `live`, the model's trainable state by default (under ZeRO-3: this rank's shards,
+        matching a shadow cut to the same shards)."""
         self.updates += 1
         decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in model.trainable_state_dict().items():
+        for key, value in (model.trainable_state_dict() if live is None else live).items():
             if value.dtype.is_floating_point and not key.startswith(model.ema_follows_live):
                 self.shadow[key].lerp_(value.float(), 1 - decay)
             else:

@@ -5,12 +5,13 @@ import random
 import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from safetensors.torch import save_file
 
-from ..checkpoint import LATEST_FILE, atomic_directory, atomic_write_text
+from ..checkpoint import LATEST_FILE, WEIGHTS_FILE, atomic_directory, atomic_write_text
 from ..modeling import TesseraModel
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -45,12 +46,19 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_checkpoint(run_dir: Path, model: TesseraModel, ema_state: dict[str, torch.Tensor],
-                             train_state: dict[str, Any], keep: int) -> Path:
-    """Write `checkpoints/step-N/` atomically, point `latest` at it, prune old ones."""
+                             train_state: dict[str, Any], keep: int, weights: dict[str, torch.Tensor] | None = None,
+                             fill: Callable[[Path], None] | None = None) -> Path:
+    """Write `checkpoints/step-N/` atomically, point `latest` at it, prune old ones. `weights` replace
+    the model's own in model.safetensors (ZeRO-3 gathers them from shards); `fill` adds files to the
+    folder before it appears (every rank's optimizer partition under DeepSpeed)."""
     ckpt_root = run_dir / "checkpoints"
     name = f"step-{train_state['step']:07d}"
     with atomic_directory(ckpt_root / name) as tmp:
         model.write_into(tmp, ema_state=ema_state, extra={"step": train_state["step"]})
+        if weights is not None:  # over what write_into wrote (under ZeRO-3, the empty unsharded views)
+            save_file(weights, str(tmp / WEIGHTS_FILE))
+        if fill is not None:
+            fill(tmp)
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
     atomic_write_text(ckpt_root / LATEST_FILE, name)
     steps = sorted(p for p in ckpt_root.iterdir() if STEP_DIR.match(p.name))

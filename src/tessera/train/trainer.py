@@ -6,6 +6,7 @@ import json
 import math
 import os
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from ..data.token_loader import check_token_shards, make_token_loader, token_sha
 from ..modeling import TesseraModel
 from ..nn.attention import auto_summary
 from ..registry import build_model
+from .deepspeed_state import (Zero3Layout, keep_frozen_whole, load_optimizer_partition,
+                              move_optimizer_partitions, write_optimizer_partition)
 from .ema import EMA
 from .previews import write_preview
 from .recipe import Recipe
@@ -93,7 +96,8 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     """The Accelerator for this launch: gloo on CPU-only multi-process runs, and DeepSpeed's
-    "auto" batch, accumulation and clipping fields filled from the recipe (its JSON holds bf16)."""
+    "auto" batch, accumulation and clipping fields filled from the recipe (its JSON holds bf16);
+    a DeepSpeed config without ZeRO, or one that would apply non-finite updates, is refused."""
     t = recipe.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
@@ -110,6 +114,12 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
                           "in docs/training_at_scale.md)")
     plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
+        if plugin.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"the DeepSpeed config sets zero_optimization.stage={plugin.zero_stage}; tessera trains "
+                              "under ZeRO-1/2/3, whose optimizer partitions it checkpoints")
+        if plugin.deepspeed_config.get("bf16", {}).get("check_grad_overflow") is False:
+            raise ConfigError("the DeepSpeed config sets bf16.check_grad_overflow=false, so ZeRO would apply updates "
+                              "whose gradients are not finite; tessera skips those: remove the key")
         plugin.deepspeed_config.update(train_micro_batch_size_per_gpu=t.batch_size, gradient_accumulation_steps=t.grad_accum,
                                        train_batch_size=t.batch_size * t.grad_accum * accelerator.num_processes,
                                        gradient_clipping=t.grad_clip)
@@ -141,21 +151,26 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
             raise ConfigError(f"{recipe.data.shards} holds pre-tokenized shards; {recipe.model.kind} trains on raw data")
         check_token_shards(recipe.data.shards, model.tokenizer)
     _configure_trunk(model, recipe)
+    deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+    if zero3:
+        keep_frozen_whole(model, accelerator.device)
     optimizer = _optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: warmup_cosine(s, t.warmup_steps, t.steps, t.min_lr_ratio))
     ema = EMA(model, t.ema_decay)
     step, start = 0, None
-    if resume and latest.exists():
-        step, start = _restore(resolve_checkpoint(run_dir), model, ema, optimizer, scheduler,
-                               accelerator.process_index, accelerator.num_processes)
+    ckpt = resolve_checkpoint(run_dir) if resume and latest.exists() else None
+    if ckpt is not None:
+        step, start = _restore(ckpt, model, ema, optimizer, scheduler, accelerator.process_index,
+                               accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if step and accelerator.distributed_type == DistributedType.DEEPSPEED:
-        warnings.warn("resuming under DeepSpeed: weights, EMA, schedule, RNG and data position are restored, but the "
-                      "sharded optimizer moments start afresh (DeepSpeed's own checkpoints are pickles, which tessera "
-                      "does not load)", RuntimeWarning, stacklevel=2)
-    ema.shadow = {k: v.to(accelerator.device) for k, v in ema.shadow.items()}
+    if ckpt is not None and deepspeed and not load_optimizer_partition(model, ckpt):
+        warnings.warn(f"{ckpt} holds no DeepSpeed optimizer partitions (saved without DeepSpeed, or by an older "
+                      "tessera): the optimizer moments start afresh", RuntimeWarning, stacklevel=2)
     raw_model: TesseraModel = accelerator.unwrap_model(model)
+    layout = Zero3Layout(raw_model) if zero3 else None
+    ema.shadow = {k: v.to(accelerator.device) for k, v in (layout.shard(ema.shadow) if layout else ema.shadow).items()}
     loader = _loader(recipe, raw_model, start, tokens)
     if accelerator.is_main_process:
         accelerator.init_trackers("logs", config={"kind": recipe.model.kind, "params": _count(raw_model)})
@@ -165,7 +180,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
                           f"attention={attention}, "
                           f"precision={accelerator.mixed_precision}, device={accelerator.device}")
-    metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress)
+    metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress,
+                    layout)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -191,7 +207,7 @@ def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, ra
     state = load_train_state(ckpt)
     model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
     ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
-    if state["optimizer"] is not None:  # None: saved under DeepSpeed, whose optimizer state is sharded
+    if state["optimizer"] is not None:  # None: saved under DeepSpeed, one optimizer partition per rank
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank (older: rank 0's)
@@ -230,14 +246,14 @@ def _throughput_meter(model: TesseraModel, accelerator: Accelerator) -> Throughp
                            getattr(model, "tokens_per_sample", 0) or None, accelerator.device)
 
 
-def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress):
+def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress,
+          layout: Zero3Layout | None):
     t = recipe.train
     data = iter(loader)
     meter = _throughput_meter(raw_model, accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
-    zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
-    previews = bool(t.sample_every) and not zero3
-    if t.sample_every and zero3:
+    previews = bool(t.sample_every) and layout is None
+    if t.sample_every and layout is not None:
         warnings.warn("no preview grids under ZeRO-3: sampling on one rank would wait for the other ranks' "
                       "parameter shards", RuntimeWarning, stacklevel=2)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
@@ -277,7 +293,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
             bar.update(1)
             if finite:
                 bad_in_a_row = 0
-                ema.update(raw_model)
+                ema.update(raw_model, layout.live() if layout else None)
                 for key, value in step_logs.items():  # summed on device: no sync per step
                     sums[key] = sums.get(key, 0.0) + value
                 count += 1
@@ -287,8 +303,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
                 if bad_in_a_row >= t.max_bad_steps:
                     raise FloatingPointError(f"{message}, {bad_in_a_row} steps in a row; stopping (lower train.lr, "
                                              f"check the data, or resume from an earlier checkpoint)")
-                action = "DeepSpeed's engine applied the update anyway" if deepspeed else "skipped the update"
-                warnings.warn(f"{message}: {action} ({bad_in_a_row} in a row, "
+                warnings.warn(f"{message}: skipped the update ({bad_in_a_row} in a row, "
                               f"train.max_bad_steps={t.max_bad_steps})", RuntimeWarning, stacklevel=2)
             last = step == t.steps or stop.requested
             if (step % t.log_every == 0 or last) and count:
@@ -303,11 +318,19 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, load
             if step % t.ckpt_every == 0 or last:
                 data_position = _data_position(accelerator, positions, slots)
                 states = gather_object([rng_state()])  # every rank's RNG, in rank order
+                ema_state, weights = (layout.gather(ema.shadow), layout.gather(layout.live())) if layout \
+                    else (ema.state_dict(), None)  # under ZeRO-3, full tensors on the main process
+                fill = None
+                if deepspeed:  # every rank writes its optimizer partition; the main process moves them in
+                    staging = run_dir / "checkpoints" / f".step-{step:07d}.optimizer"
+                    write_optimizer_partition(model, staging)
+                    accelerator.wait_for_everyone()
+                    fill = partial(move_optimizer_partitions, staging, world=accelerator.num_processes)
                 if accelerator.is_main_process:
-                    save_training_checkpoint(run_dir, raw_model, ema.state_dict(), {
+                    save_training_checkpoint(run_dir, raw_model, ema_state, {
                         "step": step, "optimizer": None if deepspeed else optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": states,
-                        "data": data_position}, keep=t.keep_checkpoints)
+                        "data": data_position}, keep=t.keep_checkpoints, weights=weights, fill=fill)
                 accelerator.wait_for_everyone()
             if accelerator.is_main_process and previews and (step % t.sample_every == 0 or last):
                 with ema.applied_to(raw_model):
