@@ -31,8 +31,10 @@ def test_kernel_matches_reference_in_interpreter():
                                                  reference_decode_attention, triton_decode_attention)
         torch.manual_seed(0)
         small = DecodeKernelConfig(block=16, num_warps=1, target_programs=16)
-        # (B, H, S, D, length): one split per row, several splits, length 1, length == S, ragged last block
-        cases = [(8, 2, 40, 16, 23), (1, 2, 300, 32, 300), (2, 1, 130, 16, 1), (1, 1, 200, 16, 129)]
+        # (B, H, S, D, length): one split per row, several splits, length 1, length == S, ragged last block,
+        # head dims that are not powers of two (48, 24) with one and several splits
+        cases = [(8, 2, 40, 16, 23), (1, 2, 300, 32, 300), (2, 1, 130, 16, 1), (1, 1, 200, 16, 129),
+                 (4, 2, 70, 48, 61), (1, 1, 150, 24, 150)]
         for b, h, s, d, length in cases:
             qkv = torch.randn(b, 1, 3, h, d).permute(2, 0, 3, 1, 4)  # q as the trunk makes it: a strided view
             q = qkv[0]

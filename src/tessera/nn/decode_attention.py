@@ -101,10 +101,10 @@ def triton_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, l
     _decode_kernel[(rows, splits)](
         q, k, v, length, out, part_out, part_max, part_sum,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-        h, chunk, d ** -0.5, D=d, BLOCK=config.block, SPLITS=splits, STAGES=config.num_stages,
-        num_warps=config.num_warps)
+        h, chunk, d ** -0.5, D=d, DP=triton.next_power_of_2(d), BLOCK=config.block, SPLITS=splits,
+        STAGES=config.num_stages, num_warps=config.num_warps)
     if splits > 1:
-        _merge_kernel[(rows,)](part_out, part_max, part_sum, out, D=d, SPLITS=splits,
+        _merge_kernel[(rows,)](part_out, part_max, part_sum, out, D=d, DP=triton.next_power_of_2(d), SPLITS=splits,
                                PADDED=triton.next_power_of_2(splits), num_warps=1)
     return out
 
@@ -114,26 +114,29 @@ if triton is not None:
     def _decode_kernel(Q, K, V, Length, Out, PartOut, PartMax, PartSum,
                        stride_qb, stride_qh, stride_kb, stride_kh, stride_ks, stride_vb, stride_vh, stride_vs,
                        n_heads, chunk, scale,
-                       D: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr, STAGES: tl.constexpr):
+                       D: tl.constexpr, DP: tl.constexpr, BLOCK: tl.constexpr, SPLITS: tl.constexpr,
+                       STAGES: tl.constexpr):
         row = tl.program_id(0)
         split = tl.program_id(1)
         bi = row // n_heads
         hi = row % n_heads
-        dims = tl.arange(0, D)
-        q = tl.load(Q + bi * stride_qb + hi * stride_qh + dims).to(tl.float32) * scale
+        dims = tl.arange(0, DP)  # the head dim padded to a power of two (Triton's ranges must be)
+        real_dims = dims < D
+        q = tl.load(Q + bi * stride_qb + hi * stride_qh + dims, mask=real_dims, other=0.0).to(tl.float32) * scale
         k_base = K + bi * stride_kb + hi * stride_kh
         v_base = V + bi * stride_vb + hi * stride_vh
         start = split * chunk
         end = tl.minimum(start + chunk, tl.load(Length).to(tl.int32))
         run_max = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), 0)
         run_sum = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
-        acc = tl.zeros([D], tl.float32)
+        acc = tl.zeros([DP], tl.float32)
         for first in tl.range(start, end, BLOCK, num_stages=STAGES):
             slots = first + tl.arange(0, BLOCK)
             valid = slots < end
             # Both loads are issued before either is used, so their latencies overlap.
-            keys = tl.load(k_base + slots[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0.0)
-            values = tl.load(v_base + slots[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
+            both = valid[:, None] & real_dims[None, :]
+            keys = tl.load(k_base + slots[:, None] * stride_ks + dims[None, :], mask=both, other=0.0)
+            values = tl.load(v_base + slots[:, None] * stride_vs + dims[None, :], mask=both, other=0.0)
             scores = tl.where(valid, tl.sum(keys.to(tl.float32) * q[None, :], 1), float("-inf"))
             new_max = tl.maximum(run_max, tl.max(scores, 0))
             alpha = tl.exp(run_max - new_max)
@@ -142,22 +145,26 @@ if triton is not None:
             run_sum = run_sum * alpha + tl.sum(p, 0)
             run_max = new_max
         if SPLITS == 1:
-            tl.store(Out + row * D + dims, (acc / run_sum).to(Out.dtype.element_ty))
+            tl.store(Out + row * D + dims, (acc / run_sum).to(Out.dtype.element_ty), mask=real_dims)
         else:
             part = row * SPLITS + split
-            tl.store(PartOut + part * D + dims, acc)
+            tl.store(PartOut + part * D + dims, acc, mask=real_dims)
             tl.store(PartMax + part, run_max)
             tl.store(PartSum + part, run_sum)
 
 
     @triton.jit
-    def _merge_kernel(PartOut, PartMax, PartSum, Out, D: tl.constexpr, SPLITS: tl.constexpr, PADDED: tl.constexpr):
+    def _merge_kernel(PartOut, PartMax, PartSum, Out, D: tl.constexpr, DP: tl.constexpr, SPLITS: tl.constexpr,
+                      PADDED: tl.constexpr):
         row = tl.program_id(0)
-        dims = tl.arange(0, D)
+        dims = tl.arange(0, DP)
+        real_dims = dims < D
         chunks = tl.arange(0, PADDED)
         real = chunks < SPLITS
         maxes = tl.load(PartMax + row * SPLITS + chunks, mask=real, other=float("-inf"))
         weight = tl.exp(maxes - tl.max(maxes, 0))  # empty or padding chunks: max -inf, weight 0
         total = tl.sum(tl.load(PartSum + row * SPLITS + chunks, mask=real, other=0.0) * weight, 0)
-        parts = tl.load(PartOut + (row * SPLITS + chunks[:, None]) * D + dims[None, :], mask=real[:, None], other=0.0)
-        tl.store(Out + row * D + dims, (tl.sum(parts * weight[:, None], 0) / total).to(Out.dtype.element_ty))
+        parts = tl.load(PartOut + (row * SPLITS + chunks[:, None]) * D + dims[None, :],
+                        mask=real[:, None] & real_dims[None, :], other=0.0)
+        tl.store(Out + row * D + dims, (tl.sum(parts * weight[:, None], 0) / total).to(Out.dtype.element_ty),
+                 mask=real_dims)
