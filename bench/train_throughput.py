@@ -9,7 +9,8 @@ and encoded once by `tessera data tokenize`), bf16 autocast, fused AdamW. Each r
 trainer for `--steps` steps and reports the last logging window, so compilation is excluded.
 
 GPU:  source .whl/setup.sh; python3 bench/train_throughput.py --json $OUT/train_bench.json
-      (--launch single,ddp,zero2,zero3 --gpus 2 on a machine with two GPUs)
+      (--runs single:plain,single:compiled,ddp:plain,zero2:plain,zero3:plain picks launch:row pairs;
+       --launch ddp,zero2 --gpus 2 on a machine with two GPUs)
 CPU smoke:  .venv/bin/python bench/train_throughput.py --shape tiny --rows plain --steps 4
 """
 from __future__ import annotations
@@ -77,7 +78,8 @@ def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, g
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(_ROOT / "launch" / "accelerate" / launch), "--num_processes", str(gpus), *train]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=_ROOT,
-                          env={**os.environ, "PYTHONPATH": str(_ROOT / "src")})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                              filter(None, [str(_ROOT / "src"), os.environ.get("PYTHONPATH")]))})
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
     return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
@@ -88,6 +90,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
     p.add_argument("--rows", default=",".join(ROWS), help=f"from {','.join(ROWS)}")
     p.add_argument("--launch", default="single", help=f"comma-separated, from {','.join(LAUNCH)}")
+    p.add_argument("--runs", default=None, help="launch:row pairs instead of --launch x --rows, "
+                   "e.g. single:plain,single:compiled,zero2:plain")
     p.add_argument("--gpus", type=int, default=1, help="processes for the accelerate launches")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--json", default=None)
@@ -97,15 +101,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "env": environment("cuda" if _cuda() else "cpu"), "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
         recipe = prepare(shape, Path(tmp))
-        for launch in args.launch.split(","):
-            for row in args.rows.split(","):
-                metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus,
-                                  args.steps)
-                result["rows"].append({"row": row, "launch": launch, **metrics})
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
-                         if k in ("tokens_per_s", "tflops_per_s", "mfu", "peak_mem_gb", "loss", "error")}
-                print(f"{launch} {row}: {shown}", flush=True)
-                write_json(args.json, result)
+        runs = ([tuple(pair.split(":")) for pair in args.runs.split(",")] if args.runs else
+                [(launch, row) for launch in args.launch.split(",") for row in args.rows.split(",")])
+        for launch, row in runs:
+            metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus, args.steps)
+            result["rows"].append({"row": row, "launch": launch, **metrics})
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
+                     if k in ("tokens_per_s", "tflops_per_s", "mfu", "peak_mem_gb", "loss", "error")}
+            print(f"{launch} {row}: {shown}", flush=True)
+            write_json(args.json, result)
     return result
 
 
