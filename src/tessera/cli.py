@@ -66,7 +66,11 @@ def _sample(args: argparse.Namespace) -> None:
     if args.n < 1:
         raise ConfigError(f"--n={args.n} must be at least 1")
     values = args.prompt or args.class_
-    outs = generate_to_file(args.ckpt, values, args.n, given, args.out, use_ema=not args.no_ema,
+    ckpt = args.ckpt
+    if ckpt is None:
+        from .assets import shipped_model_path
+        ckpt = shipped_model_path(args.model)
+    outs = generate_to_file(ckpt, values, args.n, given, args.out, use_ema=not args.no_ema,
                             device=args.device, batch_size=args.batch_size, save_scales=args.save_scales, flow=flow,
                             masked_given=masked, duration=args.duration, rescore_ckpt=args.rescore_ckpt,
                             hybrid_seconds=args.hybrid_seconds)
@@ -79,7 +83,38 @@ def _quickstart(args: argparse.Namespace) -> None:
     print(f"quickstart done in {report['wall_s']:.0f} s; see {args.out}/README.txt")
 
 
+def _demo(args: argparse.Namespace) -> None:
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        from .demo.app import launch
+    except ModuleNotFoundError as err:
+        if err.name != "gradio":
+            raise
+        raise ConfigError("the demo needs gradio: pip install -e \".[demo]\"") from None
+    launch(args.ckpt, host=args.host, port=args.port, concurrency=args.concurrency, device=args.device)
+
+
+def _setup(args: argparse.Namespace) -> None:
+    from .demo.browser import BrowserSetupError, install_browser
+    try:
+        chromium, driver = install_browser()
+    except BrowserSetupError as err:
+        raise ConfigError(str(err)) from None
+    print(f"browser ready: {chromium}, {driver}")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from .export import export_checkpoint, folder_megabytes
+    from .model_card import write_model_card
+    out = export_checkpoint(args.ckpt, args.out, dtype=args.dtype, sampling=args.sampling)
+    if args.card_title:
+        write_model_card(out, args.card_title, args.card_data, [Path(r) for r in args.recipe],
+                         [Path(m) for m in args.metrics], args.card_notes)
+    print(f"exported {args.ckpt} to {out} ({folder_megabytes(out):.1f} MB)")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from .assets import DEFAULT_MODEL, SHIPPED_MODELS
     from .data.commands import register as register_data
     from .eval.commands import register as register_eval
     from .samplers.flow import FlowSamplingConfig
@@ -97,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_train)
 
     p = sub.add_parser("sample", help="sample a PNG grid (images) or WAV files (audio) from a checkpoint")
-    p.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--ckpt", default=None, help="checkpoint folder or run folder (default: the shipped --model)")
+    p.add_argument("--model", default=DEFAULT_MODEL, choices=sorted(SHIPPED_MODELS),
+                   help=f"shipped default model used without --ckpt (default {DEFAULT_MODEL})")
     p.add_argument("--prompt", action="append", help="caption (repeatable; cycled over the batch)")
     p.add_argument("--class", dest="class_", action="append", help="class name or index (repeatable)")
     p.add_argument("--n", type=int, default=16, help="number of images")
@@ -121,10 +158,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     register_eval(sub)
 
+    p = sub.add_parser("export", help="copy a checkpoint's EMA weights in float16 for shipping (+ MODEL_CARD.md)")
+    p.add_argument("--ckpt", required=True, help="checkpoint folder or run folder")
+    p.add_argument("--out", required=True, help="folder to write (replaced atomically)")
+    p.add_argument("--dtype", default="float16", help="float16 (default), bfloat16 or float32")
+    p.add_argument("--sampling", action="append", default=[], metavar="KEY=VALUE",
+                   help="recommended sampling setting stored with the model, e.g. cfg=3 or masked.steps=12 (repeatable)")
+    p.add_argument("--card-title", default="", help="write MODEL_CARD.md with this title")
+    p.add_argument("--card-data", default="", help="model card: the training data, in a sentence")
+    p.add_argument("--card-notes", default="", help="model card: notes")
+    p.add_argument("--recipe", action="append", default=[], help="model card: a recipe used, in order (repeatable)")
+    p.add_argument("--metrics", action="append", default=[], help="model card: a JSON metrics report (repeatable)")
+    p.set_defaults(func=_export)
+
     p = sub.add_parser("quickstart", help="make shapes data, train a tiny VQ + next-token model, sample (CPU, minutes)")
     p.add_argument("--out", default="quickstart")
     p.add_argument("--scale", type=float, default=1.0, help="fraction of the default steps/data (tests use less)")
     p.set_defaults(func=_quickstart)
+
+    p = sub.add_parser("demo", help="serve the Gradio demo over the default models and --ckpt folders")
+    p.add_argument("--ckpt", action="append", default=[], help="generator checkpoint or run folder (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--concurrency", type=int, default=2, help="generations run at once; more wait in the queue")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda if available)")
+    p.set_defaults(func=_demo)
+
+    p = sub.add_parser("setup", help="install system tools: `tessera setup browser` (chromium for the demo tests)")
+    p.add_argument("what", choices=["browser"], help="browser: apt-get install chromium chromium-driver (root)")
+    p.set_defaults(func=_setup)
     return parser
 
 
