@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,8 +70,11 @@ def prepare(shape: dict[str, Any], folder: Path) -> Path:
     return path
 
 
-def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, gpus: int, steps: int) -> dict[str, Any]:
-    """Train `steps` steps; the last logged window's metrics (tokens/s, MFU, peak memory, ...)."""
+def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, gpus: int, steps: int,
+            timeout_s: float) -> dict[str, Any]:
+    """Train `steps` steps; the last logged window's metrics (tokens/s, MFU, peak memory, ...). The
+    trainer's output goes to `out/row.log`; a row still running after `timeout_s` gets SIGABRT, so
+    Python's fault handler writes every thread's stack there, and its tail is returned as the error."""
     train = ["-m", "tessera.cli", "train", "--config", str(recipe), f"out={out}", f"train.steps={steps}",
              f"train.log_every={max(steps // 2, 1)}", *overrides]
     if launch is None:
@@ -77,12 +82,28 @@ def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, g
     else:
         command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
                    str(_ROOT / "launch" / "accelerate" / launch), "--num_processes", str(gpus), *train]
-    proc = subprocess.run(command, capture_output=True, text=True, cwd=_ROOT,
-                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                              filter(None, [str(_ROOT / "src"), os.environ.get("PYTHONPATH")]))})
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "row.log"
+    env = {**os.environ, "PYTHONFAULTHANDLER": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT / "src"), os.environ.get("PYTHONPATH")]))}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGABRT)
+            proc.wait()
+            return {"error": f"timed out after {timeout_s:.0f} s", "log_tail": _tail(log_path)}
     if proc.returncode != 0:
-        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"rc {proc.returncode}"}
+        return {"error": f"rc {proc.returncode}", "log_tail": _tail(log_path)}
     return json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+
+
+def _tail(log: Path, chars: int = 4000) -> str:
+    """The end of a row's log, without the fault handler's list of extension modules."""
+    lines = [line for line in log.read_text().splitlines() if not line.startswith("Extension modules:")]
+    return "\n".join(lines)[-chars:]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -94,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                    "e.g. single:plain,single:compiled,zero2:plain")
     p.add_argument("--gpus", type=int, default=1, help="processes for the accelerate launches")
     p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--row-timeout", type=float, default=240.0, help="seconds before a row is stopped (stacks logged)")
+    p.add_argument("--logs", default=None, help="folder to keep each row's trainer log in")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -104,10 +127,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         runs = ([tuple(pair.split(":")) for pair in args.runs.split(",")] if args.runs else
                 [(launch, row) for launch in args.launch.split(",") for row in args.rows.split(",")])
         for launch, row in runs:
-            metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus, args.steps)
+            metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus, args.steps,
+                              args.row_timeout)
+            if args.logs:
+                Path(args.logs).mkdir(parents=True, exist_ok=True)
+                shutil.copy2(Path(tmp) / f"{launch}-{row}" / "row.log", Path(args.logs) / f"{launch}-{row}.log")
             result["rows"].append({"row": row, "launch": launch, **metrics})
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                      if k in ("tokens_per_s", "tflops_per_s", "mfu", "peak_mem_gb", "loss", "error")}
+            if "log_tail" in metrics:
+                print(metrics["log_tail"][-1500:], flush=True)
             print(f"{launch} {row}: {shown}", flush=True)
             write_json(args.json, result)
     return result
