@@ -9,7 +9,7 @@ and encoded once by `tessera data tokenize`), bf16 autocast, fused AdamW. Each r
 trainer for `--steps` steps and reports the last logging window, so compilation is excluded.
 
 GPU:  source .whl/setup.sh; python3 bench/train_throughput.py --json $OUT/train_bench.json
-      (--runs single:plain,single:compiled,ddp:plain,zero2:plain,zero3:plain picks launch:row pairs;
+      (--runs single:plain,single:fused,ddp:plain,zero2:plain,zero3:plain picks launch:row pairs;
        --launch ddp,zero2 --gpus 2 on a machine with two GPUs)
 CPU smoke:  .venv/bin/python bench/train_throughput.py --shape tiny --rows plain --steps 4
 """
@@ -43,7 +43,8 @@ SHAPES = {
 }
 ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
         "compiled": ["train.compile=true"],
-        "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"]}
+        "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
+        "fused": ["train.compile=true", "model.config.loss_chunk=8192"]}  # + fused linear cross-entropy
 LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 
 

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..config import check_range
+from ..nn.fused_cross_entropy import weighted_linear_cross_entropy
 from .base import load_frozen_tokenizer
 from .heads import TokenHead
 from .scales import ScaleSequenceConfig, ScaleSequenceGenerator
@@ -20,6 +22,12 @@ from .scales import ScaleSequenceConfig, ScaleSequenceGenerator
 @dataclass
 class NextScaleConfig(ScaleSequenceConfig):
     """VAR over a `multiscale_vq` tokenizer (its scale schedule is the sequence layout)."""
+
+    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many tokens at a time (no full logits)
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("loss_chunk", self.loss_chunk, 0)
 
 
 class NextScaleGenerator(ScaleSequenceGenerator):
@@ -63,12 +71,25 @@ class NextScaleGenerator(ScaleSequenceGenerator):
     def loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         codes = self.batch_codes(batch)
         cond_vec = self.training_condition(batch, codes[0].shape[0], codes[0].device)
-        logits = self.outputs_upto(self.teacher_sequence(cond_vec, self.tokenizer.teacher_inputs(codes)), cond_vec)
+        hidden = self.hidden_upto(self.teacher_sequence(cond_vec, self.tokenizer.teacher_inputs(codes)), cond_vec)
         targets = torch.cat([c.flatten(1) for c in codes], 1)
+        if self.config.loss_chunk:
+            return self._fused_loss(hidden, targets)
+        logits = self.head(hidden)
         per_token = F.cross_entropy(logits.float().transpose(1, 2), targets, reduction="none",
                                     label_smoothing=self.config.label_smoothing)
         loss, logs = self.combine_scale_losses([part.mean() for part in self.split_by_scale(per_token)], "ce")
         logs["acc"] = (logits.argmax(-1) == targets).float().mean().detach()
+        return loss, logs
+
+    def _fused_loss(self, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The same loss and logs through the fused linear cross-entropy, `loss_chunk` tokens at a time."""
+        b = targets.shape[0]
+        loss, per_token, _, correct = weighted_linear_cross_entropy(
+            hidden.flatten(0, 1), self.head.proj.weight, targets.flatten(), self.token_loss_weights(b, hidden.device),
+            self.config.label_smoothing, 0.0, self.config.loss_chunk)
+        _, logs = self.combine_scale_losses([part.mean() for part in self.split_by_scale(per_token.view(b, -1))], "ce")
+        logs["acc"] = correct.float() / targets.numel()
         return loss, logs
 
     # ----- output ------------------------------------------------------------------------------------

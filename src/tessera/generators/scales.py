@@ -145,6 +145,14 @@ class ScaleSequenceGenerator(ScaleWiseGenerator):
         total = sum(w * loss for w, loss in zip(weights, per_scale)) / sum(weights)
         return total, {f"{prefix}_s{k}": loss.detach() for k, loss in enumerate(per_scale)}
 
+    def token_loss_weights(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(batch * L,) weights w with sum_i w_i * loss_i equal to `combine_scale_losses` of the
+        per-scale mean losses (for losses computed row by row, e.g. the fused cross-entropy)."""
+        weights = self.config.scale_loss_weights or [float(n) for n in self.sizes]
+        per_scale = [w / (sum(weights) * n * batch) for w, n in zip(weights, self.sizes)]
+        row = torch.cat([torch.full((n,), w, device=device) for w, n in zip(per_scale, self.sizes)])
+        return row.repeat(batch)
+
     def split_by_scale(self, per_token: torch.Tensor) -> list[torch.Tensor]:
         """(B, L, ...) -> one (B, pn_k^2, ...) slice per scale."""
         return list(per_token.split(self.sizes, 1))

@@ -12,9 +12,9 @@ import torch
 
 
 def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
-                 z_loss: float, scale: float) -> tuple[torch.Tensor, ...]:
-    """Summed CE, z-term and correct count of one chunk, and the gradient of `scale` * (CE + z_loss * z)
-    with respect to its logits."""
+                 z_loss: float, row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row CE and log Z^2 of one chunk, its correct count, and the gradient of
+    sum(row_weight * (CE + z_loss * log Z^2)) with respect to its logits."""
     logits = (h @ weight.t()).float()
     lse = torch.logsumexp(logits, -1)
     log_probs = logits - lse[:, None]
@@ -24,34 +24,49 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sm
     grad = probs * (1 + 2 * z_loss * lse[:, None]) - smoothing / logits.shape[-1]
     grad.scatter_add_(-1, target[:, None], torch.full_like(grad[:, :1], -(1 - smoothing)))
     correct = (logits.argmax(-1) == target).sum()
-    return ce.sum(), lse.pow(2).sum(), correct, grad * scale
+    return ce, lse.pow(2), correct, grad * row_weight[:, None]
 
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, smoothing, z_loss, chunk):  # noqa: D401 - autograd signature
+    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk):  # noqa: D401 - autograd signature
         n = h.shape[0]
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
-        ce = torch.zeros((), dtype=torch.float32, device=h.device)
-        zl, correct = torch.zeros_like(ce), torch.zeros((), dtype=torch.long, device=h.device)
+        ce = torch.empty(n, dtype=torch.float32, device=h.device)
+        zl = torch.empty_like(ce)
+        correct = torch.zeros((), dtype=torch.long, device=h.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            c_ce, c_z, c_correct, grad = _chunk_terms(h[rows], weight, target[rows], smoothing, z_loss, 1.0 / n)
-            ce, zl, correct = ce + c_ce, zl + c_z, correct + c_correct
+            ce[rows], zl[rows], c_correct, grad = _chunk_terms(h[rows], weight, target[rows], smoothing, z_loss,
+                                                               row_weight[rows])
+            correct = correct + c_correct
             if grad_h is not None:
                 grad_h[rows] = (grad.to(weight.dtype) @ weight).to(h.dtype)
             if grad_w is not None:
                 grad_w += grad.t() @ h[rows].float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
-        ctx.mark_non_differentiable(correct)
-        return (ce + z_loss * zl) / n, ce / n, zl / n, correct
+        ctx.mark_non_differentiable(ce, zl, correct)
+        return (row_weight * (ce + z_loss * zl)).sum(), ce, zl, correct
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None)
+                grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
+
+
+def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
+                                  row_weight: torch.Tensor, label_smoothing: float = 0.0, z_loss: float = 0.0,
+                                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sum_i row_weight_i * (CE_i + z_loss * log Z_i^2) of logits `h @ weight.T` for features h (N, d),
+    targets (N,) and row weights (N,), `chunk` rows at a time; also each row's CE and log Z^2
+    (detached, for logging) and the number of rows whose argmax is the target."""
+    if h.dim() != 2 or target.shape != h.shape[:1] or row_weight.shape != h.shape[:1]:
+        raise ValueError(f"features (N, d), targets (N,) and row weights (N,) expected, got {tuple(h.shape)}, "
+                         f"{tuple(target.shape)} and {tuple(row_weight.shape)}")
+    return _FusedLinearCrossEntropy.apply(h, weight, target, row_weight.float(), label_smoothing, z_loss,
+                                          max(chunk, 1))
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
@@ -61,9 +76,10 @@ def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: to
     `chunk` rows at a time; also the CE alone, the z-term and the accuracy (as `token_cross_entropy`)."""
     if h.dim() != 2 or target.shape != h.shape[:1]:
         raise ValueError(f"features (N, d) and targets (N,) expected, got {tuple(h.shape)} and {tuple(target.shape)}")
-    loss, ce, zl, correct = _FusedLinearCrossEntropy.apply(h, weight, target, label_smoothing, z_loss, max(chunk, 1))
-    logs = {"ce": ce.detach(), "acc": correct.float() / max(h.shape[0], 1)}
+    n = max(h.shape[0], 1)
+    uniform = torch.full(h.shape[:1], 1.0 / n, dtype=torch.float32, device=h.device)
+    loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, uniform, label_smoothing, z_loss, chunk)
+    logs = {"ce": ce.mean(), "acc": correct.float() / n}
     if z_loss > 0:
-        logs["z_loss"] = zl.detach()
+        logs["z_loss"] = zl.mean()
     return loss, logs
-
