@@ -224,9 +224,9 @@ def test_the_page_offers_each_models_own_defaults(tiny_models):
     from tessera.demo.app import DemoModel, masked_steps, model_view
     from tessera.sample import load_generator
     maskgit = load_generator(tiny_models["maskgit"], device="cpu")
-    maskgit.recommended_sampling = {"sampling": {"cfg": 4.0, "top_p": 0.8}, "masked": {"steps": 7}}
+    maskgit.recommended_sampling = {"sampling": {"cfg": 4.0, "top_p": 0.8, "top_k": 9}, "masked": {"steps": 7}}
     view = model_view(DemoModel("maskgit", maskgit, "MaskGIT", "a red circle"))
-    assert view["cfg"] == {"value": 4.0} and view["top_p"] == {"value": 0.8}
+    assert view["cfg"] == {"value": 4.0} and view["top_p"] == {"value": 0.8} and view["top_k"] == {"value": 9}
     assert view["steps"] == {"value": 7, "interactive": True} and view["prompt"]["placeholder"] == "a red circle"
     assert view["image"] == {"visible": True} and view["audio"] == {"visible": False}
     view = model_view(DemoModel("next_token", load_generator(tiny_models["next_token"], device="cpu"), "AR", ""))

@@ -175,13 +175,14 @@ def _prompt_box(entry: DemoModel) -> dict[str, Any]:
 
 
 def model_view(entry: DemoModel) -> dict[str, dict[str, Any]]:
-    """The properties of the model-dependent components (info, prompt, cfg, temperature, top_p,
-    steps, image, audio) for this model, in that order."""
+    """The properties of the model-dependent components (info, prompt, cfg, temperature, top_k,
+    top_p, steps, image, audio) for this model, in that order."""
     g = entry.generator
     settings, steps = model_defaults(g)
     audio = g.modality == "audio"
     return {"info": {"value": describe(entry)}, "prompt": _prompt_box(entry), "cfg": {"value": settings.cfg},
-            "temperature": {"value": settings.temperature}, "top_p": {"value": settings.top_p},
+            "temperature": {"value": settings.temperature}, "top_k": {"value": settings.top_k},
+            "top_p": {"value": settings.top_p},
             "steps": {"value": steps, "interactive": g.kind in MASKED_KINDS},
             "image": {"visible": not audio}, "audio": {"visible": audio}}
 
@@ -235,7 +236,7 @@ def build_app(models: dict[str, Path], concurrency_limit: int = 2, device: str |
                     temperature = gr.Number(label="Temperature (0 = greedy)", elem_id="temperature",
                                             **view["temperature"])
                 with gr.Row():
-                    top_k = gr.Number(label="Top-k (0 = off)", value=0, precision=0, elem_id="top_k")
+                    top_k = gr.Number(label="Top-k (0 = off)", precision=0, elem_id="top_k", **view["top_k"])
                     top_p = gr.Number(label="Top-p (1 = off)", elem_id="top_p", **view["top_p"])
                 with gr.Row():
                     steps = gr.Number(label=f"Steps (masked models, 1 to {MAX_STEPS})", precision=0,
@@ -252,7 +253,7 @@ def build_app(models: dict[str, Path], concurrency_limit: int = 2, device: str |
         history = gr.State([])
 
         model.change(lambda name: [gr.update(**v) for v in model_view(entries[name]).values()], model,
-                     [info, prompt, cfg, temperature, top_p, steps, image, audio], queue=False,
+                     [info, prompt, cfg, temperature, top_k, top_p, steps, image, audio], queue=False,
                      api_visibility="private")
         gr.on([button.click, prompt.submit], generate,
               [model, prompt, cfg, temperature, top_k, top_p, steps, seed, history],
