@@ -121,9 +121,9 @@ def client(url: str):
 
 
 def request(model: str, prompt: str = "a red circle", cfg: float = 2.0, temperature: float = 1.0, top_k: int = 0,
-            top_p: float = 1.0, steps: int = 4, seed: int = 0) -> tuple:
+            top_p: float = 1.0, steps: int = 4, seed: int = 0, duration: float | None = None) -> tuple:
     """The `/generate` inputs, in the page's order."""
-    return model, prompt, cfg, temperature, top_k, top_p, steps, seed
+    return model, prompt, cfg, temperature, top_k, top_p, steps, seed, duration
 
 
 def stats(url: str) -> dict[str, int]:
@@ -192,12 +192,16 @@ def test_api_streams_previews_then_an_image_and_keeps_a_gallery(demo_url, tiny_m
 
 
 def test_api_returns_audio_for_audio_models(demo_url):
-    job = client(demo_url).submit(*request("magnet", prompt="note 440 Hz", steps=4), api_name="/generate")
+    job = client(demo_url).submit(*request("magnet", prompt="note 440 Hz", steps=4, duration=0.1),
+                                  api_name="/generate")
     image, audio, _, status = job.result(timeout=120)
     assert image is None and TIMING.match(status)
     assert [out[-1] for out in job.outputs()[:-1]] == [f"step {i}/10" for i in range(1, 11)]  # 4 + 3 streams * 2
     wave, rate = soundfile.read(audio)
     assert rate == 16000 and wave.shape == (1600,) and np.abs(wave).max() > 0
+    image, audio, _, status = client(demo_url).predict(*request("magnet", prompt="note 440 Hz", steps=4,
+                                                                duration=0.05), api_name="/generate")
+    assert soundfile.read(audio)[0].shape == (800,)  # the duration asked for, not the trained clip
 
 
 @pytest.mark.parametrize("inputs, message", [
@@ -209,6 +213,8 @@ def test_api_returns_audio_for_audio_models(demo_url):
     (request("next_token", temperature=-0.5), "temperature=-0.5 is out of range"),
     (request("next_token", cfg=-1.0), "cfg=-1.0 is out of range"),
     (request("next_token", cfg=None), "cfg is empty: enter a number"),
+    (request("magnet", duration=5.0), "duration=5.0 is out of range (0.0, 0.1]"),
+    (request("magnet", duration=None), "duration is empty: enter seconds of audio"),
 ])
 def test_bad_inputs_give_a_clear_message(demo_url, inputs, message):
     from gradio_client.exceptions import AppError
@@ -235,6 +241,7 @@ def test_the_page_offers_each_models_own_defaults(tiny_models):
     view = model_view(DemoModel("magnet", magnet, "MAGNeT", ""))
     assert (view["cfg"], view["temperature"], view["steps"]["value"]) == ({"value": 10.0}, {"value": 3.0}, 20)
     assert view["image"] == {"visible": False} and view["audio"] == {"visible": True}
+    assert view["duration"] == {"value": magnet.clip_seconds, "visible": True}
     assert masked_steps(magnet, 4) == {"stage_steps": [4, 2, 2, 2]}
 
 

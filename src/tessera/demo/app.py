@@ -136,15 +136,20 @@ def masked_steps(g: Generator, steps: int) -> dict[str, Any]:
 
 
 def read_request(entry: DemoModel, prompt: str | None, cfg: float | None, temperature: float | None,
-                 top_k: int | None, top_p: float | None, steps: int | None, seed: int | None
-                 ) -> tuple[Condition, SamplingConfig, MaskedSamplingConfig]:
-    """The condition and sampling configs of one request; ConfigError names any bad value."""
+                 top_k: int | None, top_p: float | None, steps: int | None, seed: int | None,
+                 duration: float | None = None) -> tuple[Condition, SamplingConfig, MaskedSamplingConfig]:
+    """The condition and sampling configs of one request; ConfigError names any bad value
+    (`duration`: seconds of audio, checked against an audio model's trained clip length)."""
     numbers = {"cfg": cfg, "temperature": temperature, "top_k": top_k, "top_p": top_p, "steps": steps, "seed": seed}
     for name, value in numbers.items():
         if value is None:
             raise ConfigError(f"{name} is empty: enter a number")
     check_range("steps", steps, 1, MAX_STEPS)
     g = entry.generator
+    if g.modality == "audio":
+        if duration is None:
+            raise ConfigError("duration is empty: enter seconds of audio")
+        check_range("duration", duration, 0.0, g.clip_seconds, low_open=True)
     prompt = (prompt or "").strip()
     if g.config.cond == "text" and not prompt:
         example = f' (e.g. "{entry.example}")' if entry.example else ""
@@ -176,7 +181,7 @@ def _prompt_box(entry: DemoModel) -> dict[str, Any]:
 
 def model_view(entry: DemoModel) -> dict[str, dict[str, Any]]:
     """The properties of the model-dependent components (info, prompt, cfg, temperature, top_k,
-    top_p, steps, image, audio) for this model, in that order."""
+    top_p, steps, duration, image, audio) for this model, in that order."""
     g = entry.generator
     settings, steps = model_defaults(g)
     audio = g.modality == "audio"
@@ -184,6 +189,7 @@ def model_view(entry: DemoModel) -> dict[str, dict[str, Any]]:
             "temperature": {"value": settings.temperature}, "top_k": {"value": settings.top_k},
             "top_p": {"value": settings.top_p},
             "steps": {"value": steps, "interactive": g.kind in MASKED_KINDS},
+            "duration": {"value": g.clip_seconds if audio else None, "visible": audio},
             "image": {"visible": not audio}, "audio": {"visible": audio}}
 
 
@@ -195,19 +201,22 @@ def build_app(models: dict[str, Path], concurrency_limit: int = 2, device: str |
     check_range("concurrency", concurrency_limit, 1)
     entries = load_models(models, device)
     stats = InFlight(concurrency_limit)
+    locks = {name: threading.Lock() for name in entries}  # one sampling at a time per audio model (its duration)
 
     def generate(name: str, prompt: str, cfg: float, temperature: float, top_k: int, top_p: float, steps: int,
-                 seed: int, history: list) -> Iterator[tuple]:
+                 seed: int, duration: float | None, history: list) -> Iterator[tuple]:
         """Sample one output, streaming previews; yields (image, audio, gallery, history, status)."""
         with stats.track():
             try:
                 entry = entries[name]
-                cond, settings, masked = read_request(entry, prompt, cfg, temperature, top_k, top_p, steps, seed)
+                cond, settings, masked = read_request(entry, prompt, cfg, temperature, top_k, top_p, steps, seed,
+                                                      duration)
                 sampler = sampler_for(entry.generator, settings, masked=masked)
             except (ConfigError, CheckpointError) as err:
                 raise gr.Error(str(err), print_exception=False) from None
             g = entry.generator
-            for event in stream_sample(g, cond, sampler):
+            audio = g.modality == "audio"
+            for event in stream_sample(g, cond, sampler, duration if audio else None, locks[name] if audio else None):
                 if not isinstance(event, Finished):
                     image = _picture(event.image) if event.image is not None else gr.skip()
                     yield image, gr.skip(), gr.skip(), gr.skip(), f"{event.what} {event.done}/{event.total}"
@@ -242,6 +251,7 @@ def build_app(models: dict[str, Path], concurrency_limit: int = 2, device: str |
                     steps = gr.Number(label=f"Steps (masked models, 1 to {MAX_STEPS})", precision=0,
                                       elem_id="steps", **view["steps"])
                     seed = gr.Number(label="Seed", value=0, precision=0, elem_id="seed")
+                duration = gr.Number(label="Duration (seconds of audio)", elem_id="duration", **view["duration"])
                 button = gr.Button("Generate", variant="primary", elem_id="generate")
             with gr.Column():
                 image = gr.Image(label="Result", format="png", interactive=False, height=320, elem_id="result",
@@ -253,10 +263,10 @@ def build_app(models: dict[str, Path], concurrency_limit: int = 2, device: str |
         history = gr.State([])
 
         model.change(lambda name: [gr.update(**v) for v in model_view(entries[name]).values()], model,
-                     [info, prompt, cfg, temperature, top_k, top_p, steps, image, audio], queue=False,
+                     [info, prompt, cfg, temperature, top_k, top_p, steps, duration, image, audio], queue=False,
                      api_visibility="private")
         gr.on([button.click, prompt.submit], generate,
-              [model, prompt, cfg, temperature, top_k, top_p, steps, seed, history],
+              [model, prompt, cfg, temperature, top_k, top_p, steps, seed, duration, history],
               [image, audio, gallery, history, status], api_name="generate", concurrency_id="generate")
 
         def generation_stats() -> dict[str, int]:

@@ -7,6 +7,8 @@ the running coarse-to-fine reconstruction. Audio models report progress without 
 """
 from __future__ import annotations
 
+import contextlib
+
 import itertools
 import math
 import queue
@@ -81,9 +83,12 @@ def attach_progress(model: Generator, sampler: object, report: Callable[[Progres
             tokens.masked_fill(tokens == model.mask_id, 0)) if pictures else None))  # masked ones as token 0
 
 
-def stream_sample(model: Generator, cond: Condition, sampler: object) -> Iterator[Progress | Finished]:
+def stream_sample(model: Generator, cond: Condition, sampler: object, duration: float | None = None,
+                  model_lock: threading.Lock | None = None) -> Iterator[Progress | Finished]:
     """Sample in a worker thread; yield a `Progress` per step, then one `Finished`. An error in
-    sampling is raised here; closing the iterator early stops the worker at its next step."""
+    sampling is raised here; closing the iterator early stops the worker at its next step.
+    `duration`: seconds of audio (audio models), set on the model while the worker holds `model_lock`,
+    so concurrent requests for one model never see each other's duration."""
     events: queue.Queue = queue.Queue()
     stop = threading.Event()
 
@@ -96,7 +101,10 @@ def stream_sample(model: Generator, cond: Condition, sampler: object) -> Iterato
         start = time.perf_counter()
         device_type = next(model.parameters()).device.type
         try:
-            with torch.no_grad(), torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            with model_lock or contextlib.nullcontext(), torch.no_grad(), \
+                    torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+                if duration is not None:
+                    model.set_duration(duration)
                 output = model.sample(cond, sampler).float().cpu()
             events.put(Finished(output, time.perf_counter() - start))
         except Cancelled:
