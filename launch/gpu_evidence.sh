@@ -94,7 +94,9 @@ ship() {
 classifier() { [ -f "runs/$1_classifier/model.safetensors" ] || tessera eval train-classifier --shards "$2" --label "$3" \
   --name "FD-$1-classifier" --n "$4" --resolution 64 --epochs "$5" --device cuda --out "runs/$1_classifier" 2>&1 | tail -1; }
 SHAPES_DATA="50,000 procedurally drawn 64x64 scenes of 1-4 coloured shapes with captions (tessera data shapes --n 50000 --res 64)"
-grid() { local run=$1; shift; tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg3.png" "$@"; }
+# grid RUN ARGS...: a 32-sample grid at CFG 3 or the --cfg in ARGS, named after it
+grid() { local run=$1 cfg=3 prev=""; shift; for arg in "$@"; do [ "$prev" = --cfg ] && cfg=$arg; prev=$arg; done
+  tessera sample --ckpt "runs/$run" --n 32 --cfg 3 --seed 0 --out "runs/$run/grid_cfg$cfg.png" "$@"; }
 for stage in "$@"; do
   echo "##### stage $stage at ${SECONDS}s"
   case $stage in
