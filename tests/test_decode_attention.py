@@ -2,26 +2,13 @@
 and KV-cached sampling through it against uncached sampling."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import torch
 import triton  # noqa: F401  (the dev extra installs it; the kernel runs in its CPU interpreter here)
 
 from tessera.nn.attention import prepare_mask
 from tessera.nn.decode_attention import reference_decode_attention
 from tessera.nn.masks import AttentionMask
-
-
-def run_interpreted(code: str) -> str:
-    """Run `code` in a fresh interpreter with TRITON_INTERPRET=1 (it must be set before import)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
+from triton_interpreter import run_interpreted
 
 
 def test_kernel_matches_reference_in_interpreter():

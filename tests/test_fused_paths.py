@@ -10,6 +10,7 @@ from tessera.nn.masks import AttentionMask
 from tessera.nn.trunk import Block, Trunk, TrunkConfig
 from tessera.registry import build_model
 from tessera.train.trainer import train
+from triton_interpreter import run_interpreted
 from tiny_runs import tiny_recipe
 
 
@@ -133,3 +134,56 @@ def test_next_scale_fused_loss_matches_plain(scale_weights, tmp_path):
     assert plain_grads.keys() == fused_grads.keys()
     for name, grad in plain_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+def test_liger_kernel_matches_the_torch_fused_path_in_the_triton_interpreter():
+    """loss_kernel=liger (liger-kernel's Triton kernel, run by Triton's CPU interpreter here): the same
+    loss, logs and gradients as the PyTorch path, for the plain, smoothed + z-loss and row-weighted
+    cross-entropy, and through VAR's scale-weighted loss."""
+    run_interpreted("""
+        import tempfile, torch
+        import liger_kernel.transformers.functional as liger
+        from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy, weighted_linear_cross_entropy
+        calls = []
+        real = liger.liger_fused_linear_cross_entropy
+        liger.liger_fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or real(*a, **k)
+        from tessera.registry import build_model
+        torch.manual_seed(0)
+        h = torch.randn(37, 24, requires_grad=True)
+        weight = torch.randn(101, 24, requires_grad=True)
+        target = torch.randint(0, 101, (37,))
+        rows = torch.rand(37)
+        for smoothing, z_loss in ((0.0, 0.0), (0.1, 1e-3)):
+            results = []
+            for kernel in ("torch", "liger"):
+                loss, logs = fused_linear_cross_entropy(h, weight, target, smoothing, z_loss, 8, kernel)
+                weighted, per_row, _, correct = weighted_linear_cross_entropy(h, weight, target, rows, smoothing,
+                                                                              z_loss, 8, kernel)
+                grads = torch.autograd.grad(loss + weighted, (h, weight))
+                results.append((loss, weighted, per_row, correct, logs, grads))
+            (l0, w0, r0, c0, g0, d0), (l1, w1, r1, c1, g1, d1) = results
+            torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(w1, w0, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(r1, r0, rtol=1e-5, atol=1e-5)
+            assert c1 == c0 and set(g1) == set(g0)
+            for key in g0:
+                torch.testing.assert_close(g1[key], g0[key], rtol=1e-5, atol=1e-6)
+            for a, b in zip(d1, d0):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        folder = tempfile.mkdtemp()
+        build_model("multiscale_vq", "tiny").save_pretrained(folder + "/msvq")
+        batch = {"tokens": torch.randint(0, 256, (2, 85)), "class": torch.tensor([0, 1])}  # scales 1, 2, 4, 8
+        out = []
+        for kernel in ("torch", "liger"):
+            torch.manual_seed(0)
+            model = build_model("next_scale", "tiny", tokenizer=folder + "/msvq", cond="class", num_classes=3,
+                                cond_drop=0.0, label_smoothing=0.1, loss_chunk=16, loss_kernel=kernel)
+            loss, logs = model.loss(dict(batch))
+            loss.backward()
+            out.append((loss, logs, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+        torch.testing.assert_close(out[1][0], out[0][0], rtol=1e-5, atol=1e-6)
+        assert out[1][1].keys() == out[0][1].keys()
+        for name, grad in out[0][2].items():
+            torch.testing.assert_close(out[1][2][name], grad, rtol=1e-4, atol=1e-5)
+        assert len(calls) == 5, calls  # 2 x 2 direct calls and VAR's: the liger kernel did run
+    """)

@@ -23,6 +23,7 @@ class ConditionedConfig(Config):
     label_smoothing: float = 0.0
 
     def validate(self) -> None:
+        super().validate()  # cooperative: mixins such as FusedLossConfig validate their fields too
         check_range("cond_drop", self.cond_drop, 0.0, 1.0)
         check_range("label_smoothing", self.label_smoothing, 0.0, 1.0, high_open=True)
         check_range("num_classes", self.num_classes, 1)

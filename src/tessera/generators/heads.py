@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..nn.fused_cross_entropy import fused_linear_cross_entropy
+from ..config import Config, ConfigError, check_range
+from ..nn.fused_cross_entropy import LOSS_KERNELS, LossKernel, fused_linear_cross_entropy
 from ..nn.layers import AdaLNModulation, RMSNorm, SwiGLU, modulate
 
 
@@ -38,13 +40,32 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return loss, logs
 
 
+@dataclass
+class FusedLossConfig(Config):
+    """The fused linear cross-entropy of a token-classifying generator: off (`loss_chunk=0`, full
+    logits), or `loss_chunk` rows at a time in PyTorch (`loss_kernel=torch`), or liger-kernel's
+    Triton kernel (`loss_kernel=liger`, CUDA; it picks its own chunk size)."""
+
+    loss_chunk: int = 0
+    loss_kernel: LossKernel = "torch"
+
+    def validate(self) -> None:
+        super().validate()
+        check_range("loss_chunk", self.loss_chunk, 0)
+        if self.loss_kernel not in LOSS_KERNELS:
+            raise ConfigError(f"loss_kernel={self.loss_kernel!r}; choose one of {', '.join(LOSS_KERNELS)}")
+        if self.loss_kernel != "torch" and not self.loss_chunk:
+            raise ConfigError(f"loss_kernel={self.loss_kernel} is a fused path: set loss_chunk > 0 too")
+
+
 def head_cross_entropy(head: TokenHead, h: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0,
-                       z_loss: float = 0.0, chunk: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                       z_loss: float = 0.0, chunk: int = 0, kernel: LossKernel = "torch"
+                       ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """`token_cross_entropy` of `head` over features h (..., dim) and targets (...); with `chunk` > 0
-    the fused linear cross-entropy, `chunk` rows at a time, never holding the full logits."""
+    the fused linear cross-entropy (`kernel`: see `FusedLossConfig`), never holding the full logits."""
     if chunk:
         return fused_linear_cross_entropy(h.flatten(0, -2), head.proj.weight, targets.flatten(), label_smoothing,
-                                          z_loss, chunk)
+                                          z_loss, chunk, kernel)
     return token_cross_entropy(head(h), targets, label_smoothing, z_loss)
 
 

@@ -20,22 +20,20 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import Generator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
-from .heads import TokenHead, head_cross_entropy
+from .heads import FusedLossConfig, TokenHead, head_cross_entropy
 from .masking import MaskSchedule, mask_ratio, random_token_mask, span_mask
 
 
 @dataclass
-class MaskedConfig(ConditionedConfig):
+class MaskedConfig(ConditionedConfig, FusedLossConfig):
     """Fields every masked generator shares."""
 
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
     tokenizer: str = ""  # tokenizer checkpoint folder; copied into this model's checkpoint
     mask_schedule: MaskSchedule = "cosine"  # training mask ratio gamma(r), r ~ U(0, 1)
-    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many masked rows at a time
 
     def validate(self) -> None:
         super().validate()
-        check_range("loss_chunk", self.loss_chunk, 0)
         if not self.tokenizer:
             raise ConfigError("a masked generator needs tokenizer: a tokenizer checkpoint folder")
         mask_ratio(self.mask_schedule, torch.zeros(1))  # names a bad schedule
@@ -78,7 +76,7 @@ class MaskedGenerator(Generator):
         """Mean CE (with label smoothing) of `head` over the trunk outputs `h` at the positions in
         `where` (logits of those rows only; fused when `loss_chunk`), and its accuracy."""
         loss, logs = head_cross_entropy(head, h[where], targets[where], self.config.label_smoothing,
-                                        chunk=self.config.loss_chunk)
+                                        chunk=self.config.loss_chunk, kernel=self.config.loss_kernel)
         return loss, {"acc": logs["acc"], "masked_frac": where.float().mean().detach()}
 
 

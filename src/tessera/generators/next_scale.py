@@ -12,22 +12,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import check_range
 from ..nn.fused_cross_entropy import weighted_linear_cross_entropy
 from .base import load_frozen_tokenizer
-from .heads import TokenHead
+from .heads import FusedLossConfig, TokenHead
 from .scales import ScaleSequenceConfig, ScaleSequenceGenerator
 
 
 @dataclass
-class NextScaleConfig(ScaleSequenceConfig):
+class NextScaleConfig(ScaleSequenceConfig, FusedLossConfig):
     """VAR over a `multiscale_vq` tokenizer (its scale schedule is the sequence layout)."""
-
-    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many tokens at a time (no full logits)
-
-    def validate(self) -> None:
-        super().validate()
-        check_range("loss_chunk", self.loss_chunk, 0)
 
 
 class NextScaleGenerator(ScaleSequenceGenerator):
@@ -87,7 +80,7 @@ class NextScaleGenerator(ScaleSequenceGenerator):
         b = targets.shape[0]
         loss, per_token, _, correct = weighted_linear_cross_entropy(
             hidden.flatten(0, 1), self.head.proj.weight, targets.flatten(), self.token_loss_weights(b, hidden.device),
-            self.config.label_smoothing, 0.0, self.config.loss_chunk)
+            self.config.label_smoothing, 0.0, self.config.loss_chunk, self.config.loss_kernel)
         _, logs = self.combine_scale_losses([part.mean() for part in self.split_by_scale(per_token.view(b, -1))], "ce")
         logs["acc"] = correct.float() / targets.numel()
         return loss, logs

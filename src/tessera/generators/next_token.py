@@ -13,12 +13,12 @@ from ..nn.masks import AttentionMask
 from ..nn.trunk import Trunk, TrunkConfig
 from .base import AutoregressiveGenerator, load_frozen_tokenizer
 from .conditioning import ConditionedConfig
-from .heads import TokenHead, head_cross_entropy
+from .heads import FusedLossConfig, TokenHead, head_cross_entropy
 from .token_shuffle import TokenShuffle, tokens_to_units, units_to_tokens
 
 
 @dataclass
-class NextTokenConfig(ConditionedConfig):
+class NextTokenConfig(ConditionedConfig, FusedLossConfig):
     """Next-token generator over a VQ tokenizer's token grid."""
 
     trunk: TrunkConfig = field(default_factory=TrunkConfig)
@@ -28,12 +28,10 @@ class NextTokenConfig(ConditionedConfig):
     grid_size: int = 0  # token grid side; 0: taken from the tokenizer
     token_shuffle: int = 1  # window s: s*s tokens merged per trunk position
     z_loss: float = 0.0
-    loss_chunk: int = 0  # > 0: fused linear cross-entropy over this many rows at a time (no full logits)
 
     def validate(self) -> None:
         super().validate()
         check_range("token_shuffle", self.token_shuffle, 1, 8)
-        check_range("loss_chunk", self.loss_chunk, 0)
         if not self.tokenizer and (self.vocab_size <= 0 or self.grid_size <= 0):
             raise ConfigError("without a tokenizer, set vocab_size and grid_size explicitly")
         if self.grid_size and self.grid_size % self.token_shuffle:
@@ -150,7 +148,8 @@ class NextTokenGenerator(AutoregressiveGenerator):
         b = units.shape[0]
         h = self._hidden_all(self.prefix_embeddings(cond, self.condition_dropout(b, units.device)), units[:, :-1])
         c = self.config
-        return head_cross_entropy(self.head, self._unit_features(h), units, c.label_smoothing, c.z_loss, c.loss_chunk)
+        return head_cross_entropy(self.head, self._unit_features(h), units, c.label_smoothing, c.z_loss, c.loss_chunk,
+                                  c.loss_kernel)
 
     # ----- output -----------------------------------------------------------------------------------
     def decode_units(self, units: torch.Tensor) -> torch.Tensor:

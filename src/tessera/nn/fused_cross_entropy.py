@@ -8,7 +8,12 @@ avoided. Matches `F.cross_entropy(h @ W.T, ...)` with label smoothing and z-loss
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+
+LossKernel = Literal["torch", "liger"]
+LOSS_KERNELS: tuple[str, ...] = ("torch", "liger")
 
 
 def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
@@ -56,29 +61,49 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
 
 
+def _liger_rows(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor,
+                smoothing: float, z_loss: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`weighted_linear_cross_entropy` through liger-kernel's Triton kernel (its own chunking)."""
+    try:
+        from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+    except ImportError:
+        raise ImportError("loss_kernel=liger needs liger-kernel: pip install 'tessera[liger]'") from None
+    out = liger_fused_linear_cross_entropy(h, weight, target, lse_square_scale=z_loss, label_smoothing=smoothing,
+                                           reduction="none", return_z_loss=True, return_token_accuracy=True)
+    z_term = out.z_loss.detach().float()  # z_loss * log Z^2 per row
+    lse_sq = z_term / z_loss if z_loss > 0 else torch.zeros_like(z_term)
+    return ((out.loss.float() * row_weight).sum(), out.loss.detach().float() - z_term, lse_sq,
+            out.token_accuracy.detach().sum().long())
+
+
 def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                                   row_weight: torch.Tensor, label_smoothing: float = 0.0, z_loss: float = 0.0,
-                                  chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                                  chunk: int = 4096, kernel: LossKernel = "torch"
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_i row_weight_i * (CE_i + z_loss * log Z_i^2) of logits `h @ weight.T` for features h (N, d),
-    targets (N,) and row weights (N,), `chunk` rows at a time; also each row's CE and log Z^2
-    (detached, for logging) and the number of rows whose argmax is the target."""
+    targets (N,) and row weights (N,), `chunk` rows at a time (`kernel="torch"`) or by liger-kernel's
+    Triton kernel (`"liger"`); also each row's CE and log Z^2 (detached, for logging) and the number
+    of rows whose argmax is the target."""
     if h.dim() != 2 or target.shape != h.shape[:1] or row_weight.shape != h.shape[:1]:
         raise ValueError(f"features (N, d), targets (N,) and row weights (N,) expected, got {tuple(h.shape)}, "
                          f"{tuple(target.shape)} and {tuple(row_weight.shape)}")
+    if kernel == "liger":
+        return _liger_rows(h, weight, target, row_weight.float(), label_smoothing, z_loss)
     return _FusedLinearCrossEntropy.apply(h, weight, target, row_weight.float(), label_smoothing, z_loss,
                                           max(chunk, 1))
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                               label_smoothing: float = 0.0, z_loss: float = 0.0,
-                               chunk: int = 4096) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                               label_smoothing: float = 0.0, z_loss: float = 0.0, chunk: int = 4096,
+                               kernel: LossKernel = "torch") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean CE (+ z_loss * mean log Z^2) of logits `h @ weight.T` for features h (N, d) and targets (N,),
     `chunk` rows at a time; also the CE alone, the z-term and the accuracy (as `token_cross_entropy`)."""
     if h.dim() != 2 or target.shape != h.shape[:1]:
         raise ValueError(f"features (N, d) and targets (N,) expected, got {tuple(h.shape)} and {tuple(target.shape)}")
     n = max(h.shape[0], 1)
     uniform = torch.full(h.shape[:1], 1.0 / n, dtype=torch.float32, device=h.device)
-    loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, uniform, label_smoothing, z_loss, chunk)
+    loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, uniform, label_smoothing, z_loss, chunk,
+                                                          kernel)
     logs = {"ce": ce.mean(), "acc": correct.float() / n}
     if z_loss > 0:
         logs["z_loss"] = zl.mean()

@@ -178,7 +178,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         if attention == "auto":
             attention += f" ({auto_summary(accelerator.device.type)})"
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
-                          f"attention={attention}, "
+                          f"attention={attention}, {_loss_path(raw_model)}"
                           f"precision={accelerator.mixed_precision}, device={accelerator.device}")
     metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress,
                     layout)
@@ -223,6 +223,14 @@ def _data_position(accelerator: Accelerator, positions: dict[int, Position], slo
     for part in gather_object([positions]):
         merged.update(part)
     return {"slots": slots, "positions": {str(k): list(v) for k, v in merged.items()}}
+
+
+def _loss_path(model: TesseraModel) -> str:
+    """The cross-entropy path of a token-classifying generator, for the start-up line ("" otherwise)."""
+    chunk = getattr(model.config, "loss_chunk", None)
+    if chunk is None:
+        return ""
+    return f"loss=fused ({model.config.loss_kernel}, {chunk} rows), " if chunk else "loss=full logits, "
 
 
 def _count(model: TesseraModel) -> int:
