@@ -1,6 +1,7 @@
 """The Gradio demo (`tessera demo`): pick a generator, prompt it, watch it generate.
 
-One page over every generator: prompt or class, CFG, temperature, top-k/top-p, steps and seed;
+One page over every generator: prompt or class, CFG, temperature, top-k/top-p, steps, seed and
+(audio models) duration;
 previews streamed while sampling (see `progress.py`), audio output for audio models, a gallery of
 the session's recent results and the time each generation took. Generations go through Gradio's
 queue with a concurrency limit; bad inputs come back as one clear message in the page. Besides
