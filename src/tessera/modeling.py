@@ -90,8 +90,9 @@ class TesseraModel(nn.Module):
         return self.config.to_dict()
 
     def write_into(self, folder: Path, ema_state: dict[str, torch.Tensor] | None = None,
-                   extra: dict[str, Any] | None = None) -> None:
-        """Write the checkpoint files into an existing (temporary) folder."""
+                   extra: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the checkpoint files into an existing (temporary) folder; `weights` replace the
+        model's own trainable state (e.g. full tensors gathered from ZeRO-3 shards)."""
         config = self.checkpoint_config()
         for field in self.asset_fields:
             source = config.get(field)
@@ -106,7 +107,7 @@ class TesseraModel(nn.Module):
         header = {"format": FORMAT_VERSION, "kind": self.kind, "tessera_version": __version__,
                   "config": config, **(extra or {})}
         (folder / CONFIG_FILE).write_text(json.dumps(header, indent=2))
-        save_file(_contiguous(self.trainable_state_dict()), str(folder / WEIGHTS_FILE))
+        save_file(_contiguous(self.trainable_state_dict() if weights is None else weights), str(folder / WEIGHTS_FILE))
         if ema_state is not None:
             save_file(_contiguous(ema_state), str(folder / EMA_WEIGHTS_FILE))
 

@@ -91,10 +91,16 @@ def generate(model: Generator, values: list[str] | None, n: int, settings: Sampl
         part = cond[start:start + batch_size] if not isinstance(cond, int) else min(batch_size, n - start)
         sampler = sampler_for(model, settings.replace(seed=settings.seed + i), flow=flow, masked=masked, ar=ar,
                               hybrid_seconds=hybrid_seconds)
-        device_type = next(model.parameters()).device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
-            chunks.append(model.sample(part, sampler).float().cpu())
+        chunks.append(sample_once(model, part, sampler))
     return torch.cat(chunks)
+
+
+@torch.no_grad()
+def sample_once(model: Generator, cond, sampler) -> torch.Tensor:
+    """One batch from `sampler`, in bf16 autocast on CUDA (float32 elsewhere), as float32 on the CPU."""
+    device_type = next(model.parameters()).device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+        return model.sample(cond, sampler).float().cpu()
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ the running coarse-to-fine reconstruction. Audio models report progress without 
 from __future__ import annotations
 
 import contextlib
-
 import itertools
 import math
 import queue
@@ -20,6 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..generators.base import Condition, Generator
+from ..sample import sample_once
 from ..samplers.autoregressive import AutoregressiveSampler, ScaleLoopSampler
 from ..samplers.masked import MaskedSampler, StreamMaskedSampler
 
@@ -99,13 +99,11 @@ def stream_sample(model: Generator, cond: Condition, sampler: object, duration: 
 
     def work() -> None:
         start = time.perf_counter()
-        device_type = next(model.parameters()).device.type
         try:
-            with model_lock or contextlib.nullcontext(), torch.no_grad(), \
-                    torch.autocast(device_type, dtype=torch.bfloat16, enabled=device_type == "cuda"):
+            with model_lock or contextlib.nullcontext():
                 if duration is not None:
                     model.set_duration(duration)
-                output = model.sample(cond, sampler).float().cpu()
+                output = sample_once(model, cond, sampler)
             events.put(Finished(output, time.perf_counter() - start))
         except Cancelled:
             pass

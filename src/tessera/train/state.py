@@ -9,9 +9,8 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
-from ..checkpoint import LATEST_FILE, WEIGHTS_FILE, atomic_directory, atomic_write_text
+from ..checkpoint import LATEST_FILE, atomic_directory, atomic_write_text
 from ..modeling import TesseraModel
 
 TRAIN_STATE_FILE = "train_state.pt"
@@ -54,9 +53,7 @@ def save_training_checkpoint(run_dir: Path, model: TesseraModel, ema_state: dict
     ckpt_root = run_dir / "checkpoints"
     name = f"step-{train_state['step']:07d}"
     with atomic_directory(ckpt_root / name) as tmp:
-        model.write_into(tmp, ema_state=ema_state, extra={"step": train_state["step"]})
-        if weights is not None:  # over what write_into wrote (under ZeRO-3, the empty unsharded views)
-            save_file(weights, str(tmp / WEIGHTS_FILE))
+        model.write_into(tmp, ema_state=ema_state, extra={"step": train_state["step"]}, weights=weights)
         if fill is not None:
             fill(tmp)
         torch.save(train_state, tmp / TRAIN_STATE_FILE)
