@@ -44,23 +44,26 @@ SHAPES = {
 ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
         "compiled": ["train.compile=true"],
         "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
-        "fused": ["train.compile=true", "model.config.loss_chunk=8192"]}  # + fused linear cross-entropy
+        "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
+        "fused-b64": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64"],
+        "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"]}
 LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
 
 
 def prepare(shape: dict[str, Any], folder: Path) -> Path:
-    """Tokenizer and pre-tokenized shards in `folder`; returns the recipe file."""
+    """Tokenizer and pre-tokenized shards in `folder`; returns the recipe file. The shards are made
+    and encoded in child processes, so this one holds no GPU memory while the rows train."""
     import torch
 
-    from tessera.cli import main
     from tessera.registry import build_model
     from tessera.train.recipe import Recipe
     torch.manual_seed(0)
     build_model("multiscale_vq", shape["msvq"], image_size=shape["image_size"], scales=shape["scales"],
                 **shape["tokenizer"]).save_pretrained(folder / "msvq")
-    assert main(["data", "shapes", "--n", str(shape["images"]), "--res", "64", "--out", str(folder / "shapes")]) == 0
-    assert main(["data", "tokenize", "--tokenizer", str(folder / "msvq"), "--in", str(folder / "shapes"),
-                 "--out", str(folder / "tokens"), "--resolution", str(shape["image_size"])]) == 0
+    for args in (["data", "shapes", "--n", str(shape["images"]), "--res", "64", "--out", str(folder / "shapes")],
+                 ["data", "tokenize", "--tokenizer", str(folder / "msvq"), "--in", str(folder / "shapes"),
+                  "--out", str(folder / "tokens"), "--resolution", str(shape["image_size"])]):
+        subprocess.run([sys.executable, "-m", "tessera.cli", *args], check=True, cwd=_ROOT, env=_child_env())
     recipe = Recipe.from_dict({
         "model": {"kind": "next_scale", "config": {"tokenizer": str(folder / "msvq"), "cond": "text",
                                                    "text_tokenizer": "auto", "trunk": shape["trunk"]}},
@@ -69,6 +72,12 @@ def prepare(shape: dict[str, Any], folder: Path) -> Path:
     path = folder / "recipe.yaml"
     path.write_text(recipe.to_yaml())
     return path
+
+
+def _child_env() -> dict[str, str]:
+    """This environment with the repository's `src` first on PYTHONPATH and Python's fault handler on."""
+    return {**os.environ, "PYTHONFAULTHANDLER": "1",
+            "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT / "src"), os.environ.get("PYTHONPATH")]))}
 
 
 def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, gpus: int, steps: int,
@@ -85,10 +94,8 @@ def run_row(recipe: Path, out: Path, overrides: list[str], launch: str | None, g
                    str(_ROOT / "launch" / "accelerate" / launch), "--num_processes", str(gpus), *train]
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "row.log"
-    env = {**os.environ, "PYTHONFAULTHANDLER": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(_ROOT / "src"), os.environ.get("PYTHONPATH")]))}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=env,
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=_ROOT, env=_child_env(),
                                 start_new_session=True)
         try:
             proc.wait(timeout=timeout_s)

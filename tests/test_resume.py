@@ -119,3 +119,15 @@ def test_epochs_cover_every_sample_once_and_resume_mid_epoch(setup):
         got = next(resumed)
         assert torch.equal(got["image"], expected["image"]) and got["position"] == expected["position"]
     assert sorted(slot_shards(list("abcd"), 0, 5, 0, 2) + slot_shards(list("abcd"), 0, 5, 1, 2)) == list("abcd")
+
+
+def test_an_error_inside_the_loop_ends_the_process_with_loader_workers_running(tmp_path):
+    """An exception raised mid-training (here: too many NaN steps) exits the process instead of leaving
+    it waiting on the data loader's worker processes."""
+    recipe = tiny_recipe(tmp_path, "next_token", images=24, data={"num_workers": 2}, train={"steps": 20})
+    (tmp_path / "recipe.yaml").write_text(recipe.to_yaml())
+    command = [sys.executable, str(Path(__file__).parent / "tiny_runs.py"), "0,1,2", "train",
+               "--config", str(tmp_path / "recipe.yaml"), "train.max_bad_steps=2"]
+    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode != 0 and "2 steps in a row" in done.stderr

@@ -108,6 +108,14 @@ class Trunk(nn.Module):
         self.activation_checkpointing = False  # set by the trainer (train.activation_checkpointing)
         _init_linear_weights(self)
 
+    def compile(self, *args, **kwargs) -> None:
+        """torch.compile each block in place (one graph serves every block: same code, same shapes),
+        leaving the RoPE tables and the mask built eagerly once per forward. Compiling the whole
+        trunk instead lets Inductor fold the cos/sin of the tables into every layer's rotation,
+        recomputed per element: 12% of a VAR-d16 training step's GPU time on an H100."""
+        for block in self.blocks:
+            block.compile(*args, **kwargs)
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device: torch.device | str) -> KVCache:
         """A zeroed static cache sized for `max_len` positions."""
         c = self.config

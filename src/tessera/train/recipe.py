@@ -44,7 +44,7 @@ class TrainSection(Config):
     sample_every: int = 500  # 0 disables preview grids
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False  # recompute each trunk block in backward (less memory, ~1/3 more compute)
-    compile: bool = False  # torch.compile the trunk
+    compile: bool = False  # torch.compile the trunk's blocks
     max_bad_steps: int = 5  # a non-finite gradient skips the update; this many in a row stop training
     seed: int = 0
 

@@ -6,6 +6,8 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -180,8 +182,9 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         accelerator.print(f"training {recipe.model.kind}: {_count(raw_model) / 1e6:.2f}M trainable params, "
                           f"attention={attention}, {_loss_path(raw_model)}"
                           f"precision={accelerator.mixed_precision}, device={accelerator.device}")
-    metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress,
-                    layout)
+    with _batches(loader) as data:
+        metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir,
+                        progress, layout)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -254,10 +257,23 @@ def _throughput_meter(model: TesseraModel, accelerator: Accelerator) -> Throughp
                            getattr(model, "tokens_per_sample", 0) or None, accelerator.device)
 
 
-def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, loader, step, run_dir, progress,
+@contextmanager
+def _batches(loader: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, Any]]]:
+    """The loader's batches; on leaving, even by an exception, its worker processes are stopped at
+    once (an exception's traceback would keep the iterator alive, and the exiting interpreter would
+    then wait on the workers for ever)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        shutdown = getattr(batches, "_shutdown_workers", None)  # what DataLoader's iterator runs when collected
+        if shutdown is not None:
+            shutdown()
+
+
+def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir, progress,
           layout: Zero3Layout | None):
     t = recipe.train
-    data = iter(loader)
     meter = _throughput_meter(raw_model, accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
     previews = bool(t.sample_every) and layout is None

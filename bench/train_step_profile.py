@@ -1,0 +1,112 @@
+"""Where one training step of VAR-d16's shape spends its GPU time: the model `train_throughput.py`
+trains (next-scale, 16 layers, width 1024, 680 tokens, text condition through AdaLN), random token
+maps instead of shards, compiled trunk, bf16 autocast, fused AdamW. After warm-up, torch.profiler
+records `--steps` steps; the CUDA kernel time is grouped (matrix multiplies, attention,
+everything else: norms, AdaLN, RoPE, elementwise, optimizer) and the top kernels are listed.
+
+GPU:  source .whl/setup.sh; python3 bench/train_step_profile.py --json $OUT/profile.json
+CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 --warmup 1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_BENCH = Path(__file__).resolve().parent
+for _p in (_BENCH.parent / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from timing import environment, write_json  # noqa: E402
+from train_throughput import SHAPES  # noqa: E402
+
+CAPTION = "a red circle left of a blue square"
+GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm", "mm_"),
+          "attention": ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")}
+
+
+def build(shape: dict[str, Any], loss_chunk: int, device: torch.device) -> torch.nn.Module:
+    """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled."""
+    from tessera.registry import build_model
+    from tessera.tokenizers.text import train_text_tokenizer
+    torch.manual_seed(0)
+    msvq = build_model("multiscale_vq", shape["msvq"], image_size=shape["image_size"], scales=shape["scales"],
+                       **shape["tokenizer"])
+    with tempfile.TemporaryDirectory() as tmp:
+        msvq.save_pretrained(Path(tmp) / "msvq")
+        train_text_tokenizer(iter([CAPTION] * 8), vocab_size=256, out_path=Path(tmp) / "text.json")
+        model = build_model("next_scale", None, tokenizer=str(Path(tmp) / "msvq"), cond="text",
+                            text_tokenizer=str(Path(tmp) / "text.json"), trunk=shape["trunk"], loss_chunk=loss_chunk)
+    model.to(device).train()
+    model.trunk.compile()
+    return model
+
+
+def group(name: str) -> str:
+    lowered = name.lower()
+    return next((g for g, keys in GROUPS.items() if any(k in lowered for k in keys)), "other")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
+    p.add_argument("--batch", type=int, default=None, help="default: the shape's batch")
+    p.add_argument("--loss-chunk", type=int, default=8192, help="0: full logits")
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    shape = SHAPES[args.shape]
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build(shape, args.loss_chunk, device)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
+                                  fused=device.type == "cuda")
+    b = args.batch or shape["batch"]
+    batch = {"tokens": torch.randint(0, shape["tokenizer"].get("codebook_size", 16), (b, model.seq_len), device=device),
+             "text": [CAPTION] * b, "step": 0}
+
+    def step() -> None:
+        with torch.autocast(device.type, torch.bfloat16):
+            loss, _ = model(batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                          if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(args.steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    # On the GPU track, record_function annotations ("Optimizer.step#AdamW.step") span their kernels: left out.
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key] \
+        if device.type == "cuda" else [e for e in prof.key_averages() if not e.cpu_children]
+    timed = sorted(((e.self_device_time_total if device.type == "cuda" else e.self_cpu_time_total, e.key, e.count)
+                    for e in kernels), reverse=True)
+    total = sum(t for t, _, _ in timed) or 1.0
+    per_step_ms = total / 1e3 / args.steps
+    groups: dict[str, float] = {}
+    for t, name, _ in timed:
+        groups[group(name)] = groups.get(group(name), 0.0) + t / total
+    result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
+              "env": environment(device.type), "kernel_ms_per_step": per_step_ms, "share": groups,
+              "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
+                      for t, name, n in timed[:args.top]]}
+    print(f"kernel time per step {per_step_ms:.1f} ms; " + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
+    for row in result["top"]:
+        print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
