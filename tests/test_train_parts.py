@@ -1,12 +1,16 @@
-"""Trainer parts: EMA arithmetic, the lr schedule, checkpoint pruning and the latest pointer."""
+"""Trainer parts: EMA arithmetic, the lr schedule, checkpoint pruning and the latest pointer, and
+skipping non-finite steps on the device."""
 import math
+import warnings
 
+import pytest
 import torch
 
 from tessera.registry import build_model
 from tessera.train.ema import EMA
 from tessera.train.schedule import warmup_cosine
 from tessera.train.state import save_training_checkpoint
+from tessera.train.step_guard import NonFiniteSteps, arm_skip, finite_flag
 
 
 def test_ema_averages_and_codebook_follows_live_weights():
@@ -41,3 +45,34 @@ def test_checkpoints_are_pruned_and_latest_points_at_newest(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["latest", "step-0000002", "step-0000003"]
     assert (tmp_path / "checkpoints" / "latest").read_text() == "step-0000003"
+
+
+def test_a_non_finite_step_changes_neither_weights_nor_ema_and_is_judged_one_step_late():
+    model = build_model("vq", "tiny")
+    ema = EMA(model, 0.9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    shadow = {k: v.clone() for k, v in ema.state_dict().items()}
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("nan"))
+    finite = finite_flag(torch.tensor(float("nan")), torch.device("cpu"))
+    arm_skip(optimizer, finite)
+    optimizer.step()
+    ema.update(model, finite=finite)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(torch.equal(v, shadow[k]) for k, v in ema.state_dict().items()) and ema.updates == 0
+    assert all(float(s["step"]) == 0 for s in optimizer.state.values())  # not counted as an Adam step
+
+    steps = NonFiniteSteps(max_bad=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        steps.record(1, finite, torch.tensor(float("nan")))  # step 1 is not judged yet
+    with pytest.warns(RuntimeWarning, match="step 1: loss nan, gradient norm not finite: skipped"):
+        steps.record(2, torch.tensor(True), torch.tensor(0.5))
+    steps.record(3, torch.tensor(False), torch.tensor(float("inf")))
+    with pytest.warns(RuntimeWarning, match="step 3: .*1 in a row"):
+        steps.record(4, torch.tensor(False), torch.tensor(float("inf")))
+    with pytest.raises(FloatingPointError, match="step 4: loss inf.*2 steps in a row"):
+        steps.settle()
+    with pytest.raises(TypeError, match="fused optimizer"):
+        arm_skip(torch.optim.SGD(model.parameters(), lr=0.1), finite)

@@ -10,24 +10,38 @@ from ..modeling import TesseraModel
 
 
 class EMA:
-    """`shadow = decay * shadow + (1 - decay) * weights`, with warm-up `min(decay, (1+n)/(10+n))`."""
+    """`shadow = decay * shadow + (1 - decay) * weights`, with warm-up `min(decay, (1+n)/(10+n))`,
+    applied with foreach ops to all averaged tensors at once."""
 
     def __init__(self, model: TesseraModel, decay: float):
         self.decay = decay
-        self.updates = 0
         self.shadow = {k: v.detach().float().clone() for k, v in model.trainable_state_dict().items()}
+        self._updates = torch.zeros((), dtype=torch.float64)  # a tensor, so a skipped step needs no host sync
+
+    @property
+    def updates(self) -> int:
+        """Updates averaged in so far (skipped steps not counted)."""
+        return int(self._updates)
 
     @torch.no_grad()
-    def update(self, model: TesseraModel, live: dict[str, torch.Tensor] | None = None) -> None:
+    def update(self, model: TesseraModel, live: dict[str, torch.Tensor] | None = None,
+               finite: torch.Tensor | None = None) -> None:
         """Average in `live`, the model's trainable state by default (under ZeRO-3: this rank's shards,
-        matching a shadow cut to the same shards)."""
-        self.updates += 1
-        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
-        for key, value in (model.trainable_state_dict() if live is None else live).items():
-            if value.dtype.is_floating_point and not key.startswith(model.ema_follows_live):
-                self.shadow[key].lerp_(value.float(), 1 - decay)
-            else:
-                self.shadow[key].copy_(value)
+        matching a shadow cut to the same shards). `finite` (0-d bool): when False the averaged
+        weights stay as they are and the update is not counted, decided on the device."""
+        values = model.trainable_state_dict() if live is None else live
+        device = next(iter(self.shadow.values())).device
+        self._updates = self._updates.to(device)
+        keep = torch.ones((), dtype=torch.float64, device=device) if finite is None else finite.to(device, torch.float64)
+        self._updates += keep
+        decay = torch.clamp((1 + self._updates) / (10 + self._updates), max=self.decay)
+        averaged = [k for k, v in values.items() if v.dtype.is_floating_point and not k.startswith(model.ema_follows_live)]
+        shadows = [self.shadow[k] for k in averaged]
+        moves = torch._foreach_sub([values[k].float() for k in averaged], shadows)
+        torch._foreach_mul_(moves, ((1 - decay) * keep).float())  # a tensor factor: no host sync (lerp takes floats)
+        torch._foreach_add_(shadows, moves)
+        for key in values.keys() - set(averaged):
+            self.shadow[key].copy_(values[key])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.shadow
@@ -35,7 +49,7 @@ class EMA:
     def load_state_dict(self, state: dict[str, torch.Tensor], updates: int) -> None:
         for key, value in state.items():
             self.shadow[key].copy_(value)
-        self.updates = updates
+        self._updates = torch.full((), float(updates), dtype=torch.float64)
 
     @contextlib.contextmanager
     def applied_to(self, model: TesseraModel) -> Iterator[None]:

@@ -33,6 +33,7 @@ from .ema import EMA
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
+from .step_guard import NonFiniteSteps, arm_skip, finite_flag
 from .stop import StopRequest
 from .throughput import ThroughputMeter, peak_flops, training_flops_per_sample
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
@@ -89,7 +90,7 @@ def _optimizer(model: TesseraModel, recipe: Recipe) -> torch.optim.Optimizer:
     t = recipe.train
     return torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=t.lr, betas=(t.beta1, t.beta2), fused=torch.cuda.is_available())
+                             lr=t.lr, betas=(t.beta1, t.beta2), fused=True)
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -282,8 +283,9 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                       "parameter shards", RuntimeWarning, stacklevel=2)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
-    sums: dict[str, float] = {}
-    count, bad_in_a_row = 0, 0
+    sums: dict[str, torch.Tensor] = {}
+    count: torch.Tensor | int = 0  # steps in `sums`: a device tensor, so skipping needs no sync
+    bad_steps = NonFiniteSteps(t.max_bad_steps)
     metrics: dict[str, Any] = {}
     preview_batch = None
     bar = tqdm(total=t.steps, initial=step, disable=not (progress and accelerator.is_main_process),
@@ -304,9 +306,11 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                     if accelerator.sync_gradients:
                         # Every rank sees the same all-reduced gradients, so all skip a bad step together.
                         norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
-                        finite = norm is None or math.isfinite(float(norm))  # None: DeepSpeed before its first step
-                        if finite:
+                        finite = finite_flag(norm, accelerator.device)
+                        if norm is not None:
                             logs["grad_norm"] = norm
+                        if not deepspeed:  # DeepSpeed's engine stepped in backward (its config refuses bad updates)
+                            arm_skip(optimizer, finite)
                             optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.update(_batch_size(batch))
@@ -315,23 +319,17 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
             step += 1
             scheduler.step()
             bar.update(1)
-            if finite:
-                bad_in_a_row = 0
-                ema.update(raw_model, layout.live() if layout else None)
-                for key, value in step_logs.items():  # summed on device: no sync per step
-                    sums[key] = sums.get(key, 0.0) + value
-                count += 1
-            else:
-                bad_in_a_row += 1
-                message = f"step {step}: loss {float(loss):.4g}, gradient norm not finite"
-                if bad_in_a_row >= t.max_bad_steps:
-                    raise FloatingPointError(f"{message}, {bad_in_a_row} steps in a row; stopping (lower train.lr, "
-                                             f"check the data, or resume from an earlier checkpoint)")
-                warnings.warn(f"{message}: skipped the update ({bad_in_a_row} in a row, "
-                              f"train.max_bad_steps={t.max_bad_steps})", RuntimeWarning, stacklevel=2)
+            ema.update(raw_model, layout.live() if layout else None, finite)
+            for key, value in step_logs.items():  # summed on device, a skipped step weighing 0: no sync per step
+                sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+            count = count + finite
+            bad_steps.record(step, finite, loss)  # judges the previous step
             last = step == t.steps or stop.requested
-            if (step % t.log_every == 0 or last) and count:
-                metrics = {k: float(v) / count for k, v in sums.items()}
+            log_now, save_now = step % t.log_every == 0 or last, step % t.ckpt_every == 0 or last
+            if log_now or save_now:
+                bad_steps.settle()
+            if log_now and int(count):
+                metrics = {k: float(v) / int(count) for k, v in sums.items()}
                 metrics.update(lr=scheduler.get_last_lr()[0], **meter.report())
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
@@ -339,7 +337,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                         log.write(json.dumps({"step": step, **metrics}) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 sums, count = {}, 0
-            if step % t.ckpt_every == 0 or last:
+            if save_now:
                 data_position = _data_position(accelerator, positions, slots)
                 states = gather_object([rng_state()])  # every rank's RNG, in rank order
                 ema_state, weights = (layout.gather(ema.shadow), layout.gather(layout.live())) if layout \

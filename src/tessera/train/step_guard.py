@@ -1,0 +1,74 @@
+"""Skipping non-finite updates without a host sync per step.
+
+Whether a step's gradient norm is finite is decided on the device: a fused optimizer reads the
+flag through its `found_inf` hook (the one `torch.amp.GradScaler` uses) and leaves the weights,
+moments and step count alone when it is set, and the EMA and the logged sums weigh the step by it.
+The host reads the flag one step late, from a pinned copy behind a CUDA event, so the GPU never
+waits for it; that is where bad steps are counted, warned about and, after `max_bad` in a row,
+stopped. `settle()` reads the pending flag at once (before logging or a checkpoint).
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+
+def finite_flag(norm: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
+    """0-d bool on `device`: the gradient norm is finite (`None`: DeepSpeed before its first step)."""
+    if norm is None:
+        return torch.ones((), dtype=torch.bool, device=device)
+    return torch.isfinite(torch.as_tensor(norm, device=device))
+
+
+def arm_skip(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Make the next `optimizer.step()` a no-op on the device when `finite` is False."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper holds the torch optimizer
+    if not getattr(inner, "_step_supports_amp_scaling", False):
+        raise TypeError(f"{type(inner).__name__} cannot skip an update on the device; use a fused optimizer")
+    inner.found_inf = (~finite).float()
+
+
+class NonFiniteSteps:
+    """Counts non-finite steps in a row from flags read one step late; warns, then raises after `max_bad`."""
+
+    def __init__(self, max_bad: int):
+        self.max_bad = max_bad
+        self.bad_in_a_row = 0
+        self._pending: tuple[int, torch.Tensor, torch.cuda.Event | None] | None = None
+
+    def record(self, step: int, finite: torch.Tensor, loss: torch.Tensor) -> None:
+        """Note `step`'s flag and loss (copied off the device without waiting), then judge the step before it."""
+        values = torch.stack([finite.float(), loss.detach().float()])
+        if values.is_cuda:
+            host = torch.empty(2, pin_memory=True)
+            host.copy_(values, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record()
+        else:
+            host, done = values, None
+        previous, self._pending = self._pending, (step, host, done)
+        if previous is not None:
+            self._judge(*previous)
+
+    def settle(self) -> None:
+        """Judge the pending step now."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            self._judge(*pending)
+
+    def _judge(self, step: int, host: torch.Tensor, done: torch.cuda.Event | None) -> None:
+        if done is not None:
+            done.synchronize()
+        finite, loss = bool(host[0]), float(host[1])
+        if finite:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        message = f"step {step}: loss {loss:.4g}, gradient norm not finite"
+        if self.bad_in_a_row >= self.max_bad:
+            raise FloatingPointError(f"{message}, {self.bad_in_a_row} steps in a row; stopping (lower train.lr, "
+                                     f"check the data, or resume from an earlier checkpoint)")
+        warnings.warn(f"{message}: skipped the update ({self.bad_in_a_row} in a row, "
+                      f"train.max_bad_steps={self.max_bad})", RuntimeWarning, stacklevel=3)
+
