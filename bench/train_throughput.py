@@ -1,6 +1,6 @@
 """Training throughput of the real trainer (`tessera train`) at VAR-d16's shape: tokens/s, model
 TFLOP/s, MFU against the GPU's stated bf16 peak, and peak memory, for the plain and fast paths
-and under each launch config (single process, DDP, DeepSpeed ZeRO-2 and ZeRO-3).
+and under each launch config (single process, DDP, FSDP2, DeepSpeed ZeRO-2 and ZeRO-3).
 
 Shape `d16`: a next-scale generator with VAR-d16's trunk (16 layers, width 1024, 16 heads; text
 condition through AdaLN), a random-weight multi-scale VQ at 256px (scales 1,2,3,4,5,6,8,10,13,16
@@ -47,7 +47,8 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
         "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
         "fused-b64": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64"],
         "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"]}
-LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml"}
+LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "zero2.yaml",
+          "zero3": "zero3.yaml"}
 
 
 def prepare(shape: dict[str, Any], folder: Path) -> Path:

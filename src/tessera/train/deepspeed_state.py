@@ -74,6 +74,24 @@ def write_optimizer_partition(engine: DeepSpeedEngine, folder: Path) -> None:
     os.replace(tmp, path)
 
 
+def saved_worlds(checkpoint: Path) -> list[int]:
+    """The numbers of processes that wrote optimizer partitions into `checkpoint` (none: saved whole)."""
+    return sorted({int(m[1]) for f in checkpoint.iterdir() if (m := SAVED_WORLD.match(f.name))})
+
+
+def saved_partition(checkpoint: Path, rank: int, world: int) -> Path | None:
+    """This rank's optimizer partition in `checkpoint`; None when it holds none; an error when they were
+    saved by another number of processes."""
+    path = checkpoint / optimizer_file(rank, world)
+    if path.is_file():
+        return path
+    worlds = saved_worlds(checkpoint)
+    if not worlds:
+        return None
+    raise CheckpointError(f"{checkpoint} has no {path.name}: its optimizer partitions were saved by "
+                          f"{' and '.join(map(str, worlds))} processes, this launch has {world}")
+
+
 def move_optimizer_partitions(staging: Path, checkpoint: Path, world: int) -> None:
     """Move every rank's partition from `staging` into `checkpoint` (a folder not yet in place), then
     remove `staging` (with any files a crashed launch of another size left there)."""
@@ -86,14 +104,10 @@ def move_optimizer_partitions(staging: Path, checkpoint: Path, world: int) -> No
 def load_optimizer_partition(engine: DeepSpeedEngine, checkpoint: Path) -> bool:
     """Copy this rank's saved partition back in place, and the 16-bit weights from the restored fp32
     masters; False when `checkpoint` holds no partitions (saved without DeepSpeed, or by an older tessera)."""
-    rank, world, stage = dist.get_rank(), dist.get_world_size(), engine.zero_optimization_stage()
-    path = checkpoint / optimizer_file(rank, world)
-    if not path.is_file():
-        worlds = sorted({int(m[1]) for f in checkpoint.iterdir() if (m := SAVED_WORLD.match(f.name))})
-        if not worlds:
-            return False
-        raise CheckpointError(f"{checkpoint} has no {path.name}: its optimizer partitions were saved by "
-                              f"{' and '.join(map(str, worlds))} processes, this launch has {world}")
+    stage = engine.zero_optimization_stage()
+    path = saved_partition(checkpoint, dist.get_rank(), dist.get_world_size())
+    if path is None:
+        return False
     with safe_open(str(path), "pt") as f:
         meta = json.loads((f.metadata() or {}).get("tessera", "{}"))
     if meta.get("format") != FORMAT:

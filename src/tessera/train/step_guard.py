@@ -15,9 +15,12 @@ import torch
 
 
 def finite_flag(norm: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
-    """0-d bool on `device`: the gradient norm is finite (`None`: DeepSpeed before its first step)."""
+    """0-d bool on `device`: the gradient norm is finite (`None`: DeepSpeed before its first step; under
+    FSDP the norm is a replicated DTensor)."""
     if norm is None:
         return torch.ones((), dtype=torch.bool, device=device)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
     return torch.isfinite(torch.as_tensor(norm, device=device))
 
 

@@ -19,7 +19,8 @@ from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
-from ..checkpoint import EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, atomic_write_text, resolve_checkpoint
+from ..checkpoint import (EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_text,
+                          resolve_checkpoint)
 from ..config import ConfigError
 from ..data.epochs import Position, StreamStart
 from ..data.loader import make_image_loader
@@ -27,9 +28,10 @@ from ..data.token_loader import check_token_shards, make_token_loader, token_sha
 from ..modeling import TesseraModel
 from ..nn.attention import auto_summary
 from ..registry import build_model
-from .deepspeed_state import (Zero3Layout, keep_frozen_whole, load_optimizer_partition,
+from .deepspeed_state import (Zero3Layout, keep_frozen_whole, load_optimizer_partition, saved_worlds,
                               move_optimizer_partitions, write_optimizer_partition)
 from .ema import EMA
+from .fsdp_state import FsdpLayout, load_optimizer_shards, write_optimizer_shards
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
@@ -141,13 +143,14 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     accelerator = _accelerator(recipe, run_dir)
     if not is_tensorboard_available():
         accelerator.print("note: tensorboard is not installed (pip install 'tessera[train]'); logging to metrics.json only")
-    set_seed(t.seed + accelerator.process_index)
     run_dir.mkdir(parents=True, exist_ok=True)
     if accelerator.is_main_process:
         atomic_write_text(run_dir / "recipe.yaml", recipe.to_yaml())
     model_config = _prepare_assets(recipe, run_dir, accelerator.is_main_process)
     accelerator.wait_for_everyone()
+    set_seed(t.seed)  # every rank builds the same initial weights (FSDP shards them as they are)
     model = build_model(recipe.model.kind, recipe.model.preset or None, **model_config)
+    set_seed(t.seed + accelerator.process_index)
     tokens = token_shards_info(recipe.data.shards) is not None
     if tokens:
         if getattr(model, "tokenizer", None) is None:
@@ -155,6 +158,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         check_token_shards(recipe.data.shards, model.tokenizer)
     _configure_trunk(model, recipe)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
     if zero3:
         keep_frozen_whole(model, accelerator.device)
@@ -164,15 +168,19 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
     ema = EMA(model, t.ema_decay)
     step, start = 0, None
     ckpt = resolve_checkpoint(run_dir) if resume and latest.exists() else None
+    if ckpt is not None and not (deepspeed or fsdp) and saved_worlds(ckpt):
+        raise CheckpointError(f"{ckpt} holds per-rank optimizer partitions (saved under DeepSpeed or FSDP); "
+                              "resume it with the launch config it was saved with")
     if ckpt is not None:
         step, start = _restore(ckpt, model, ema, optimizer, scheduler, accelerator.process_index,
                                accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None and deepspeed and not load_optimizer_partition(model, ckpt):
-        warnings.warn(f"{ckpt} holds no DeepSpeed optimizer partitions (saved without DeepSpeed, or by an older "
-                      "tessera): the optimizer moments start afresh", RuntimeWarning, stacklevel=2)
+    if ckpt is not None and (deepspeed or fsdp) and not (load_optimizer_partition(model, ckpt) if deepspeed
+                                                         else load_optimizer_shards(optimizer, ckpt)):
+        warnings.warn(f"{ckpt} holds no per-rank optimizer partitions (saved without DeepSpeed or FSDP, or by an "
+                      "older tessera): the optimizer moments start afresh", RuntimeWarning, stacklevel=2)
     raw_model: TesseraModel = accelerator.unwrap_model(model)
-    layout = Zero3Layout(raw_model) if zero3 else None
+    layout = Zero3Layout(raw_model) if zero3 else FsdpLayout(raw_model) if fsdp else None
     ema.shadow = {k: v.to(accelerator.device) for k, v in (layout.shard(ema.shadow) if layout else ema.shadow).items()}
     loader = _loader(recipe, raw_model, start, tokens)
     if accelerator.is_main_process:
@@ -273,14 +281,15 @@ def _batches(loader: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, An
 
 
 def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir, progress,
-          layout: Zero3Layout | None):
+          layout: Zero3Layout | FsdpLayout | None):
     t = recipe.train
     meter = _throughput_meter(raw_model, accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
+    fsdp = accelerator.distributed_type == DistributedType.FSDP
     previews = bool(t.sample_every) and layout is None
     if t.sample_every and layout is not None:
-        warnings.warn("no preview grids under ZeRO-3: sampling on one rank would wait for the other ranks' "
-                      "parameter shards", RuntimeWarning, stacklevel=2)
+        warnings.warn("no preview grids with sharded parameters (ZeRO-3, FSDP): sampling on one rank would wait "
+                      "for the other ranks' shards", RuntimeWarning, stacklevel=2)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     sums: dict[str, torch.Tensor] = {}
@@ -341,16 +350,19 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                 data_position = _data_position(accelerator, positions, slots)
                 states = gather_object([rng_state()])  # every rank's RNG, in rank order
                 ema_state, weights = (layout.gather(ema.shadow), layout.gather(layout.live())) if layout \
-                    else (ema.state_dict(), None)  # under ZeRO-3, full tensors on the main process
+                    else (ema.state_dict(), None)  # sharded (ZeRO-3, FSDP): full tensors on the main process
                 fill = None
-                if deepspeed:  # every rank writes its optimizer partition; the main process moves them in
+                if deepspeed or fsdp:  # every rank writes its optimizer partition; the main process moves them in
                     staging = run_dir / "checkpoints" / f".step-{step:07d}.optimizer"
-                    write_optimizer_partition(model, staging)
+                    if deepspeed:
+                        write_optimizer_partition(model, staging)
+                    else:
+                        write_optimizer_shards(optimizer, staging)
                     accelerator.wait_for_everyone()
                     fill = partial(move_optimizer_partitions, staging, world=accelerator.num_processes)
                 if accelerator.is_main_process:
                     save_training_checkpoint(run_dir, raw_model, ema_state, {
-                        "step": step, "optimizer": None if deepspeed else optimizer.state_dict(),
+                        "step": step, "optimizer": None if fill else optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "ema_updates": ema.updates, "rng": states,
                         "data": data_position}, keep=t.keep_checkpoints, weights=weights, fill=fill)
                 accelerator.wait_for_everyone()
