@@ -67,10 +67,15 @@ def write_optimizer_partition(engine: DeepSpeedEngine, folder: Path) -> None:
     meta = {"format": FORMAT, "stage": stage, "world": world, "rank": rank,
             "partitions": [m.numel() for m in masters], "dtypes": [str(m.dtype) for m in masters],
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]}
+    write_partition(folder, {k: v.contiguous().cpu() for k, v in tensors.items()}, meta)
+
+
+def write_partition(folder: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Write this rank's optimizer partition file into `folder` (a temporary name, then a rename)."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / optimizer_file(rank, world)
+    path = folder / optimizer_file(meta["rank"], meta["world"])
     tmp = folder / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata={"tessera": json.dumps(meta)})
+    save_file(tensors, str(tmp), metadata={"tessera": json.dumps(meta)})
     os.replace(tmp, path)
 
 
@@ -92,6 +97,20 @@ def saved_partition(checkpoint: Path, rank: int, world: int) -> Path | None:
                           f"{' and '.join(map(str, worlds))} processes, this launch has {world}")
 
 
+def read_partition(checkpoint: Path, form: str, what: str) -> tuple[Path, dict[str, Any]] | None:
+    """This rank's partition file in `checkpoint` and its metadata, checked to be of format `form`
+    (a `what` optimizer partition); None when the checkpoint holds none."""
+    path = saved_partition(checkpoint, dist.get_rank(), dist.get_world_size())
+    if path is None:
+        return None
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads((f.metadata() or {}).get("tessera", "{}"))
+    if meta.get("format") != form:
+        raise CheckpointError(f"{path} is not a tessera {what} optimizer partition (format {meta.get('format')!r}): "
+                              "resume with the launch config it was saved with")
+    return path, meta
+
+
 def move_optimizer_partitions(staging: Path, checkpoint: Path, world: int) -> None:
     """Move every rank's partition from `staging` into `checkpoint` (a folder not yet in place), then
     remove `staging` (with any files a crashed launch of another size left there)."""
@@ -105,13 +124,10 @@ def load_optimizer_partition(engine: DeepSpeedEngine, checkpoint: Path) -> bool:
     """Copy this rank's saved partition back in place, and the 16-bit weights from the restored fp32
     masters; False when `checkpoint` holds no partitions (saved without DeepSpeed, or by an older tessera)."""
     stage = engine.zero_optimization_stage()
-    path = saved_partition(checkpoint, dist.get_rank(), dist.get_world_size())
-    if path is None:
+    found = read_partition(checkpoint, FORMAT, "ZeRO")
+    if found is None:
         return False
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("tessera", "{}"))
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tessera ZeRO optimizer partition (format {meta.get('format')!r})")
+    path, meta = found
     if meta["stage"] != stage:
         raise CheckpointError(f"{path} was saved under ZeRO-{meta['stage']}, this launch runs ZeRO-{stage}: "
                               f"resume with the DeepSpeed config it was saved with")

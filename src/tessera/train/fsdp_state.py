@@ -8,20 +8,16 @@ so a resume needs the same number of processes.
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import CheckpointError
 from ..modeling import TesseraModel
-from .deepspeed_state import optimizer_file, saved_partition
+from .deepspeed_state import read_partition, write_partition
 
 FORMAT = "tessera-fsdp-optimizer-1"
 
@@ -73,23 +69,15 @@ def write_optimizer_shards(optimizer: torch.optim.Optimizer, folder: Path) -> No
             tensors[f"state.{i}.{key}"] = local.detach().contiguous().cpu()
     meta = {"format": FORMAT, "world": world, "rank": rank, "shapes": [list(_local(p).shape) for p in params],
             "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in inner.param_groups]}
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / optimizer_file(rank, world)
-    tmp = folder / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    save_file(tensors, str(tmp), metadata={"tessera": json.dumps(meta)})
-    os.replace(tmp, path)
+    write_partition(folder, tensors, meta)
 
 
 def load_optimizer_shards(optimizer: torch.optim.Optimizer, checkpoint: Path) -> bool:
     """Put this rank's saved AdamW state back; False when `checkpoint` holds none (saved without FSDP)."""
-    path = saved_partition(checkpoint, dist.get_rank(), dist.get_world_size())
-    if path is None:
+    found = read_partition(checkpoint, FORMAT, "FSDP")
+    if found is None:
         return False
-    with safe_open(str(path), "pt") as f:
-        meta = json.loads((f.metadata() or {}).get("tessera", "{}"))
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a tessera FSDP optimizer partition (format {meta.get('format')!r}): "
-                              "resume with the launch config it was saved with")
+    path, meta = found
     inner = getattr(optimizer, "optimizer", optimizer)
     params = [p for group in inner.param_groups for p in group["params"]]
     shapes = [list(_local(p).shape) for p in params]
