@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..checkpoint import CheckpointError
 from ..modeling import TesseraModel
-from .deepspeed_state import read_partition, write_partition
+from .partitions import read_partition, write_partition
 
 FORMAT = "tessera-fsdp-optimizer-1"
 

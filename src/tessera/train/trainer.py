@@ -28,10 +28,10 @@ from ..data.token_loader import check_token_shards, make_token_loader, token_sha
 from ..modeling import TesseraModel
 from ..nn.attention import auto_summary
 from ..registry import build_model
-from .deepspeed_state import (Zero3Layout, keep_frozen_whole, load_optimizer_partition, saved_worlds,
-                              move_optimizer_partitions, write_optimizer_partition)
+from .deepspeed_state import Zero3Layout, keep_frozen_whole, load_optimizer_partition, write_optimizer_partition
 from .ema import EMA
 from .fsdp_state import FsdpLayout, load_optimizer_shards, write_optimizer_shards
+from .partitions import move_optimizer_partitions, saved_worlds
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
