@@ -6,7 +6,7 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
@@ -175,8 +175,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         step, start = _restore(ckpt, model, ema, optimizer, scheduler, accelerator.process_index,
                                accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
-    if ckpt is not None and (deepspeed or fsdp) and not (load_optimizer_partition(model, ckpt) if deepspeed
-                                                         else load_optimizer_shards(optimizer, ckpt)):
+    partitions = _optimizer_partitions(accelerator, model, optimizer)
+    if ckpt is not None and partitions is not None and not partitions[1](ckpt):
         warnings.warn(f"{ckpt} holds no per-rank optimizer partitions (saved without DeepSpeed or FSDP, or by an "
                       "older tessera): the optimizer moments start afresh", RuntimeWarning, stacklevel=2)
     raw_model: TesseraModel = accelerator.unwrap_model(model)
@@ -193,7 +193,7 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
                           f"precision={accelerator.mixed_precision}, device={accelerator.device}")
     with _batches(loader) as data:
         metrics = _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir,
-                        progress, layout)
+                        progress, layout, partitions[0] if partitions else None)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
@@ -219,7 +219,7 @@ def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, ra
     state = load_train_state(ckpt)
     model.load_trainable_state(load_file(str(ckpt / WEIGHTS_FILE)), source=ckpt / WEIGHTS_FILE)
     ema.load_state_dict(load_file(str(ckpt / EMA_WEIGHTS_FILE)), state["ema_updates"])
-    if state["optimizer"] is not None:  # None: saved under DeepSpeed, one optimizer partition per rank
+    if state["optimizer"] is not None:  # None: saved under DeepSpeed or FSDP, one optimizer partition per rank
         optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     states = state["rng"] if isinstance(state["rng"], list) else [state["rng"]]  # one per rank (older: rank 0's)
@@ -235,6 +235,17 @@ def _data_position(accelerator: Accelerator, positions: dict[int, Position], slo
     for part in gather_object([positions]):
         merged.update(part)
     return {"slots": slots, "positions": {str(k): list(v) for k, v in merged.items()}}
+
+
+def _optimizer_partitions(accelerator: Accelerator, model, optimizer
+                          ) -> tuple[Callable[[Path], None], Callable[[Path], bool]] | None:
+    """Under DeepSpeed and FSDP each rank keeps its own share of the optimizer state: (write it into a
+    folder, load it from a checkpoint, False when that holds none); None when the state is saved whole."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return partial(write_optimizer_partition, model), partial(load_optimizer_partition, model)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return partial(write_optimizer_shards, optimizer), partial(load_optimizer_shards, optimizer)
+    return None
 
 
 def _loss_path(model: TesseraModel) -> str:
@@ -281,11 +292,10 @@ def _batches(loader: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, An
 
 
 def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir, progress,
-          layout: Zero3Layout | FsdpLayout | None):
+          layout: Zero3Layout | FsdpLayout | None, write_partition: Callable[[Path], None] | None):
     t = recipe.train
     meter = _throughput_meter(raw_model, accelerator)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED  # its engine steps inside backward
-    fsdp = accelerator.distributed_type == DistributedType.FSDP
     previews = bool(t.sample_every) and layout is None
     if t.sample_every and layout is not None:
         warnings.warn("no preview grids with sharded parameters (ZeRO-3, FSDP): sampling on one rank would wait "
@@ -337,8 +347,9 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
             log_now, save_now = step % t.log_every == 0 or last, step % t.ckpt_every == 0 or last
             if log_now or save_now:
                 bad_steps.settle()
-            if log_now and int(count):
-                metrics = {k: float(v) / int(count) for k, v in sums.items()}
+            counted = int(count) if log_now else 0
+            if counted:
+                metrics = {k: float(v) / counted for k, v in sums.items()}
                 metrics.update(lr=scheduler.get_last_lr()[0], **meter.report())
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
@@ -352,12 +363,9 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                 ema_state, weights = (layout.gather(ema.shadow), layout.gather(layout.live())) if layout \
                     else (ema.state_dict(), None)  # sharded (ZeRO-3, FSDP): full tensors on the main process
                 fill = None
-                if deepspeed or fsdp:  # every rank writes its optimizer partition; the main process moves them in
+                if write_partition is not None:  # each rank writes its partition; the main process moves them in
                     staging = run_dir / "checkpoints" / f".step-{step:07d}.optimizer"
-                    if deepspeed:
-                        write_optimizer_partition(model, staging)
-                    else:
-                        write_optimizer_shards(optimizer, staging)
+                    write_partition(staging)
                     accelerator.wait_for_everyone()
                     fill = partial(move_optimizer_partitions, staging, world=accelerator.num_processes)
                 if accelerator.is_main_process:
