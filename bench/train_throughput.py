@@ -10,7 +10,8 @@ trainer for `--steps` steps and reports the last logging window, so compilation 
 
 GPU:  source .whl/setup.sh; python3 bench/train_throughput.py --json $OUT/train_bench.json
       (--runs single:plain,single:fused,ddp:plain,zero2:plain,zero3:plain picks launch:row pairs;
-       --launch ddp,zero2 --gpus 2 on a machine with two GPUs)
+       launch:row:N runs that pair on N GPUs, e.g. --runs single:fused,ddp:fused:2,zero2:fused:2;
+       --work DIR keeps the tokenizer and shards for the next call on the same machine)
 CPU smoke:  .venv/bin/python bench/train_throughput.py --shape tiny --rows plain --steps 4
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -120,35 +122,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
     p.add_argument("--rows", default=",".join(ROWS), help=f"from {','.join(ROWS)}")
     p.add_argument("--launch", default="single", help=f"comma-separated, from {','.join(LAUNCH)}")
-    p.add_argument("--runs", default=None, help="launch:row pairs instead of --launch x --rows, "
-                   "e.g. single:plain,single:compiled,zero2:plain")
-    p.add_argument("--gpus", type=int, default=1, help="processes for the accelerate launches")
+    p.add_argument("--runs", default=None, help="launch:row[:gpus] triples instead of --launch x --rows, "
+                   "e.g. single:plain,single:compiled,zero2:plain:2")
+    p.add_argument("--gpus", type=int, default=1, help="processes for the accelerate launches that name none")
+    p.add_argument("--work", default=None, help="folder for the tokenizer, shards and rows, kept and reused "
+                   "(default: a temporary folder)")
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--row-timeout", type=float, default=240.0, help="seconds before a row is stopped (stacks logged)")
     p.add_argument("--logs", default=None, help="folder to keep each row's trainer log in")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
-    result: dict[str, Any] = {"benchmark": "train_throughput", "shape": args.shape, "gpus": args.gpus,
+    runs = parse_runs(args)
+    result: dict[str, Any] = {"benchmark": "train_throughput", "shape": args.shape,
                               "env": environment("cuda" if _cuda() else "cpu"), "rows": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        recipe = prepare(shape, Path(tmp))
-        runs = ([tuple(pair.split(":")) for pair in args.runs.split(",")] if args.runs else
-                [(launch, row) for launch in args.launch.split(",") for row in args.rows.split(",")])
-        for launch, row in runs:
-            metrics = run_row(recipe, Path(tmp) / f"{launch}-{row}", ROWS[row], LAUNCH[launch], args.gpus, args.steps,
-                              args.row_timeout)
+    with (nullcontext(args.work) if args.work else tempfile.TemporaryDirectory()) as tmp:
+        folder = Path(tmp)
+        recipe = folder / "recipe.yaml"
+        if not recipe.exists():
+            recipe = prepare(shape, folder)
+        for launch, row, gpus in runs:
+            name = f"{launch}-{row}-{gpus}gpu"
+            shutil.rmtree(folder / name, ignore_errors=True)
+            metrics = run_row(recipe, folder / name, ROWS[row], LAUNCH[launch], gpus, args.steps, args.row_timeout)
             if args.logs:
                 Path(args.logs).mkdir(parents=True, exist_ok=True)
-                shutil.copy2(Path(tmp) / f"{launch}-{row}" / "row.log", Path(args.logs) / f"{launch}-{row}.log")
-            result["rows"].append({"row": row, "launch": launch, **metrics})
+                shutil.copy2(folder / name / "row.log", Path(args.logs) / f"{name}.log")
+            result["rows"].append({"row": row, "launch": launch, "gpus": gpus, **metrics})
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()
                      if k in ("tokens_per_s", "tflops_per_s", "mfu", "peak_mem_gb", "loss", "error")}
             if "log_tail" in metrics:
                 print(metrics["log_tail"][-1500:], flush=True)
-            print(f"{launch} {row}: {shown}", flush=True)
+            print(f"{launch} {row} x{gpus}: {shown}", flush=True)
             write_json(args.json, result)
     return result
+
+
+def parse_runs(args: argparse.Namespace) -> list[tuple[str, str, int]]:
+    """(launch, row, gpus) for each run asked for; a clear error for an unknown launch or row."""
+    if args.runs:
+        runs = []
+        for triple in args.runs.split(","):
+            parts = triple.split(":")
+            if len(parts) not in (2, 3) or (len(parts) == 3 and not parts[2].isdigit()):
+                raise SystemExit(f"--runs: {triple!r} is not launch:row or launch:row:gpus")
+            runs.append((parts[0], parts[1], int(parts[2]) if len(parts) == 3 else _default_gpus(parts[0], args)))
+    else:
+        runs = [(launch, row, _default_gpus(launch, args)) for launch in args.launch.split(",")
+                for row in args.rows.split(",")]
+    for launch, row, gpus in runs:
+        if launch not in LAUNCH or row not in ROWS:
+            raise SystemExit(f"--runs: unknown {'launch' if launch not in LAUNCH else 'row'} in {launch}:{row}; "
+                             f"launches: {', '.join(LAUNCH)}; rows: {', '.join(ROWS)}")
+        if launch == "single" and gpus != 1:
+            raise SystemExit(f"--runs: {launch}:{row}:{gpus}: a single-process run uses one GPU")
+    return runs
+
+
+def _default_gpus(launch: str, args: argparse.Namespace) -> int:
+    return 1 if launch == "single" else args.gpus
 
 
 def _cuda() -> bool:

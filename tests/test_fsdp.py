@@ -70,3 +70,25 @@ def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_step_for_step(tmp_p
 
     with pytest.raises(CheckpointError, match="per-rank optimizer partitions"):  # one process, no FSDP
         train(Recipe.from_file(recipe).with_overrides([f"out={resumed}"]), resume=True, progress=False)
+
+
+def test_fsdp_in_bf16_reduces_gradients_and_returns_the_loss_in_float32(monkeypatch):
+    import torch
+
+    from tessera.config import ConfigError
+    from tessera.train.trainer import _fsdp_plugin
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    monkeypatch.setenv("FSDP_AUTO_WRAP_POLICY", "TRANSFORMER_BASED_WRAP")
+    monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block")
+    plugin = _fsdp_plugin("bf16")
+    policy = plugin.mixed_precision_policy
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
+                                                                              torch.float32)
+    assert plugin.transformer_cls_names_to_wrap == ["Block"]  # the rest still comes from the launch config
+    assert _fsdp_plugin("no") is None
+    monkeypatch.setenv("FSDP_VERSION", "1")
+    with pytest.raises(ConfigError, match="fsdp_version 1"):
+        _fsdp_plugin("bf16")
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert _fsdp_plugin("bf16") is None

@@ -10,7 +10,7 @@ from tessera.registry import build_model
 from tessera.train.ema import EMA
 from tessera.train.schedule import warmup_cosine
 from tessera.train.state import save_training_checkpoint
-from tessera.train.step_guard import NonFiniteSteps, arm_skip, finite_flag
+from tessera.train.step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag
 
 
 def test_ema_averages_and_codebook_follows_live_weights():
@@ -76,3 +76,17 @@ def test_a_non_finite_step_changes_neither_weights_nor_ema_and_is_judged_one_ste
         steps.settle()
     with pytest.raises(TypeError, match="fused optimizer"):
         arm_skip(torch.optim.SGD(model.parameters(), lr=0.1), finite)
+
+
+def test_logged_means_sum_in_float32_and_leave_out_skipped_steps():
+    window = LoggedMeans()
+    assert window.pop() == {}
+    window.add({"loss": torch.tensor(7.0, dtype=torch.bfloat16)}, torch.tensor(False))
+    assert window.pop() == {}  # only a skipped step so far: no means, the window goes on
+    for step in range(10):
+        window.add({"loss": torch.tensor(6.7 + 0.01 * step, dtype=torch.bfloat16), "grad_norm": 2.0},
+                   torch.tensor(True))
+    expected = float(sum(torch.tensor(6.7 + 0.01 * s, dtype=torch.bfloat16).float() for s in range(10))) / 10
+    means = window.pop()
+    assert means["loss"] == pytest.approx(expected, abs=1e-5) and means["grad_norm"] == 2.0
+    assert window.pop() == {}

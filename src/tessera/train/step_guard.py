@@ -75,3 +75,30 @@ class NonFiniteSteps:
         warnings.warn(f"{message}: skipped the update ({self.bad_in_a_row} in a row, "
                       f"train.max_bad_steps={self.max_bad})", RuntimeWarning, stacklevel=3)
 
+
+
+class LoggedMeans:
+    """Means of the logged values (loss, gradient norm, ...) over a logging window, summed on the device
+    in float32 (a bf16 loss, as FSDP's mixed precision gives, summed in bf16 would round to 0.5 near 70);
+    a skipped step weighs 0, so adding a step needs no host sync."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.count: torch.Tensor | int = 0
+
+    def add(self, values: dict[str, torch.Tensor | float], finite: torch.Tensor) -> None:
+        """Add one step's `values`, weighted by its finite flag."""
+        for key, value in values.items():
+            value = torch.as_tensor(value, dtype=torch.float32, device=finite.device)
+            self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value, 0.0)
+        self.count = self.count + finite
+
+    def pop(self) -> dict[str, float]:
+        """The window's means (a host sync), and a new window; {} while every step in it was skipped,
+        and the window then goes on."""
+        counted = int(self.count)
+        if not counted:
+            return {}
+        means = {key: float(total) / counted for key, total in self.sums.items()}
+        self.sums, self.count = {}, 0
+        return means

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
@@ -35,7 +35,7 @@ from .partitions import move_optimizer_partitions, saved_worlds
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
-from .step_guard import NonFiniteSteps, arm_skip, finite_flag
+from .step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag
 from .stop import StopRequest
 from .throughput import ThroughputMeter, peak_flops, training_flops_per_sample
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
@@ -108,7 +108,8 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
     if world > 1 and importlib.util.find_spec("deepspeed") is not None:
         importlib.import_module("deepspeed")  # before the process group exists: a late import can abort at exit
-    accelerator = Accelerator(mixed_precision=None if deepspeed else _mixed_precision(t.mixed_precision),
+    precision = None if deepspeed else _mixed_precision(t.mixed_precision)
+    accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=_fsdp_plugin(precision),
                               gradient_accumulation_steps=t.grad_accum,
                               kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
                               if world > 1 and not torch.cuda.is_available() else [],
@@ -129,6 +130,20 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
                                        train_batch_size=t.batch_size * t.grad_accum * accelerator.num_processes,
                                        gradient_clipping=t.grad_clip)
     return accelerator
+
+
+def _fsdp_plugin(precision: str | None) -> FullyShardedDataParallelPlugin | None:
+    """Under an FSDP launch in bf16/fp16: compute in that dtype, but reduce gradients and return the loss
+    in float32, as DDP under autocast does (accelerate's default reduces and returns in the low dtype).
+    The rest of the plugin comes from the launch config."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or precision in (None, "no"):
+        return None
+    if os.environ.get("FSDP_VERSION", "1") != "2":
+        raise ConfigError("the FSDP launch config sets fsdp_version 1; tessera trains under FSDP2 "
+                          "(fsdp_version: 2, as launch/accelerate/fsdp.yaml)")
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return FullyShardedDataParallelPlugin(
+        mixed_precision_policy={"param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": torch.float32})
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
@@ -302,8 +317,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                       "for the other ranks' shards", RuntimeWarning, stacklevel=2)
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
-    sums: dict[str, torch.Tensor] = {}
-    count: torch.Tensor | int = 0  # steps in `sums`: a device tensor, so skipping needs no sync
+    window = LoggedMeans()
     bad_steps = NonFiniteSteps(t.max_bad_steps)
     metrics: dict[str, Any] = {}
     preview_batch = None
@@ -334,29 +348,25 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                     optimizer.zero_grad(set_to_none=True)
                 meter.update(_batch_size(batch))
                 for key, value in {"loss": loss.detach(), **logs}.items():
-                    step_logs[key] = step_logs.get(key, 0.0) + value / t.grad_accum
+                    step_logs[key] = step_logs.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32) / t.grad_accum
             step += 1
             scheduler.step()
             bar.update(1)
             ema.update(raw_model, layout.live() if layout else None, finite)
-            for key, value in step_logs.items():  # summed on device, a skipped step weighing 0: no sync per step
-                sums[key] = sums.get(key, 0.0) + torch.where(finite, value, 0.0)
-            count = count + finite
+            window.add(step_logs, finite)
             bad_steps.record(step, finite, loss)  # judges the previous step
             last = step == t.steps or stop.requested
             log_now, save_now = step % t.log_every == 0 or last, step % t.ckpt_every == 0 or last
             if log_now or save_now:
                 bad_steps.settle()
-            counted = int(count) if log_now else 0
-            if counted:
-                metrics = {k: float(v) / counted for k, v in sums.items()}
-                metrics.update(lr=scheduler.get_last_lr()[0], **meter.report())
+            means = window.pop() if log_now else {}
+            if means:
+                metrics = {**means, "lr": scheduler.get_last_lr()[0], **meter.report()}
                 accelerator.log(metrics, step=step)
                 if accelerator.is_main_process:
                     with open(run_dir / LOG_FILE, "a") as log:
                         log.write(json.dumps({"step": step, **metrics}) + "\n")
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                sums, count = {}, 0
             if save_now:
                 data_position = _data_position(accelerator, positions, slots)
                 states = gather_object([rng_state()])  # every rank's RNG, in rank order
