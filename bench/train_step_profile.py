@@ -1,8 +1,11 @@
 """Where one training step of VAR-d16's shape spends its GPU time: the model `train_throughput.py`
 trains (next-scale, 16 layers, width 1024, 680 tokens, text condition through AdaLN), random token
-maps instead of shards, compiled trunk, bf16 autocast, fused AdamW. After warm-up, torch.profiler
-records `--steps` steps; the CUDA kernel time is grouped (matrix multiplies, attention,
-everything else: norms, AdaLN, RoPE, elementwise, optimizer) and the top kernels are listed.
+maps instead of shards, compiled trunk, bf16 autocast, and the trainer's per-step work around the
+model: gradient clipping, the on-device non-finite skip, fused AdamW, the EMA and the logged sums.
+After warm-up, `--steps` steps are timed on the wall clock (the GPU waited for once, at the end),
+then torch.profiler records as many; the CUDA kernel time is grouped (matrix multiplies, attention,
+everything else: norms, AdaLN, RoPE, elementwise, optimizer, EMA) and the top kernels are listed.
+Wall time minus kernel time is the time the GPU waits for the host.
 
 GPU:  source .whl/setup.sh; python3 bench/train_step_profile.py --json $OUT/profile.json
 CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 --warmup 1
@@ -12,8 +15,9 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 _BENCH = Path(__file__).resolve().parent
 for _p in (_BENCH.parent / "src", _BENCH):
@@ -23,6 +27,9 @@ for _p in (_BENCH.parent / "src", _BENCH):
 import torch  # noqa: E402
 
 from timing import environment, write_json  # noqa: E402
+
+from tessera.train.ema import EMA  # noqa: E402
+from tessera.train.step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag  # noqa: E402
 from train_throughput import SHAPES  # noqa: E402
 
 CAPTION = "a red circle left of a blue square"
@@ -47,6 +54,18 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device) -> torch
     return model
 
 
+def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Wall milliseconds per step over `steps` steps, waiting for the GPU only before and after."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
 def group(name: str) -> str:
     lowered = name.lower()
     return next((g for g, keys in GROUPS.items() if any(k in lowered for k in keys)), "other")
@@ -66,20 +85,29 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(shape, args.loss_chunk, device)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
-                                  fused=device.type == "cuda")
+                                  fused=True)
     b = args.batch or shape["batch"]
     batch = {"tokens": torch.randint(0, shape["tokenizer"].get("codebook_size", 16), (b, model.seq_len), device=device),
              "text": [CAPTION] * b, "step": 0}
 
-    def step() -> None:
+    ema, bad_steps, window = EMA(model, 0.9999), NonFiniteSteps(max_bad=10), LoggedMeans()
+
+    def step() -> None:  # the trainer's step, without accelerate's wrappers (one process)
         with torch.autocast(device.type, torch.bfloat16):
-            loss, _ = model(batch)
+            loss, logs = model(batch)
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        finite = finite_flag(norm, device)
+        arm_skip(optimizer, finite)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        ema.update(model, finite=finite)
+        window.add({"loss": loss.detach(), "grad_norm": norm, **logs}, finite)
+        bad_steps.record(0, finite, loss)
 
     for _ in range(args.warmup):
         step()
+    wall_ms = timed_steps(step, args.steps, device)
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -98,10 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, name, _ in timed:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
-              "env": environment(device.type), "kernel_ms_per_step": per_step_ms, "share": groups,
+              "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
+              "share": groups,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
                       for t, name, n in timed[:args.top]]}
-    print(f"kernel time per step {per_step_ms:.1f} ms; " + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
+    print(f"per step: {wall_ms:.1f} ms wall, {per_step_ms:.1f} ms of kernels; "
+          + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
     write_json(args.json, result)

@@ -31,6 +31,13 @@ def test_round_trip_lowercases(trained):
     assert trained.decode(ids.tolist()) == "a red circle left of a blue square"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pinned-memory copy to a GPU needs one")
+def test_ids_reach_the_gpu_equal_to_the_cpu_ids(trained):
+    texts = ["three blue circles", CAPTIONS[1]]
+    on_gpu = trained.encode_batch(texts, max_len=8, device="cuda")
+    assert on_gpu.is_cuda and torch.equal(on_gpu.cpu(), trained.encode_batch(texts, max_len=8))
+
+
 def test_padding_and_truncation(trained):
     ids = trained.encode_batch(["three blue circles", CAPTIONS[1] + " " + CAPTIONS[2]], max_len=8)
     assert ids.shape == (2, 8) and ids.dtype == torch.long

@@ -81,7 +81,7 @@ class TextPrefix(nn.Module):
         nn.init.normal_(self.table.weight, std=0.02)
 
     def forward(self, texts: list[str], drop: torch.Tensor) -> torch.Tensor:
-        ids = self.tokenizer.encode_batch(list(texts), self.length).to(self.null.device)
+        ids = self.tokenizer.encode_batch(list(texts), self.length, self.null.device)
         emb = self.table(ids) + self.positions
         return torch.where(drop[:, None, None], self.null.expand_as(emb).to(emb.dtype), emb)
 

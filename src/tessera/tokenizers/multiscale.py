@@ -18,6 +18,7 @@ from torch import nn
 
 from ..checkpoint import CheckpointError, read_header, resolve_checkpoint
 from ..config import ConfigError, check_range
+from ..nn.resample import bicubic_matrix, bicubic_resample
 from .quantizer import QuantizerOutput, _distributed
 from .vq import VQConfig, VQTokenizer
 
@@ -74,6 +75,8 @@ class MultiScaleVQ(VQTokenizer):
     def __init__(self, config: MultiScaleConfig):
         super().__init__(config)
         self.phis = nn.ModuleList(Phi(config.code_dim, config.phi_blend) for _ in range(config.phi_count))
+        for pn in set(config.scales) - {self.side}:
+            self.register_buffer(f"bicubic_{pn}", bicubic_matrix(pn, self.side), persistent=False)
         if config.init_from:
             self._load_single_scale(config.init_from)
 
@@ -116,7 +119,7 @@ class MultiScaleVQ(VQTokenizer):
         """(B, pn, pn) codes of scale k -> their (B, D, H, W) contribution to f_hat."""
         h = self.quantizer.embed(codes_k)
         if h.shape[-1] != self.side:
-            h = F.interpolate(h, size=(self.side, self.side), mode="bicubic")
+            h = bicubic_resample(h, getattr(self, f"bicubic_{h.shape[-1]}"))
         return self.phi(k)(h)
 
     def add_scale(self, f_hat: torch.Tensor | None, codes_k: torch.Tensor, k: int) -> torch.Tensor:

@@ -46,8 +46,9 @@ class TextTokenizer:
     def pad_id(self) -> int:
         return self.tokenizer.token_to_id(PAD)
 
-    def encode_batch(self, texts: list[str], max_len: int) -> torch.Tensor:
-        """(B, max_len) int64 ids: `[BOS] text [EOS]`, truncated to `max_len` (specials kept), padded."""
+    def encode_batch(self, texts: list[str], max_len: int, device: torch.device | str = "cpu") -> torch.Tensor:
+        """(B, max_len) int64 ids on `device`: `[BOS] text [EOS]`, truncated to `max_len` (specials kept),
+        padded. To a GPU they go from pinned memory, so the copy does not wait for the GPU's queue to drain."""
         if max_len < 2:
             raise ValueError(f"max_len={max_len} leaves no room for [BOS] and [EOS]; use max_len >= 2")
         if max_len != self._max_len:
@@ -55,7 +56,10 @@ class TextTokenizer:
             self.tokenizer.enable_padding(pad_id=self.pad_id, pad_token=PAD, length=max_len)
             self._max_len = max_len
         encodings = self.tokenizer.encode_batch(list(texts))
-        return torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(texts), max_len)
+        ids = torch.tensor([e.ids for e in encodings], dtype=torch.long).view(len(texts), max_len)
+        if torch.device(device).type == "cuda":
+            return ids.pin_memory().to(device, non_blocking=True)
+        return ids.to(device)
 
     def decode(self, ids: Sequence[int] | torch.Tensor) -> str:
         """Ids (list or 1-D tensor) -> text, special tokens dropped."""

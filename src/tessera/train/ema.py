@@ -37,9 +37,8 @@ class EMA:
         decay = torch.clamp((1 + self._updates) / (10 + self._updates), max=self.decay)
         averaged = [k for k, v in values.items() if v.dtype.is_floating_point and not k.startswith(model.ema_follows_live)]
         shadows = [self.shadow[k] for k in averaged]
-        moves = torch._foreach_sub([values[k].float() for k in averaged], shadows)
-        torch._foreach_mul_(moves, ((1 - decay) * keep).float())  # a tensor factor: no host sync (lerp takes floats)
-        torch._foreach_add_(shadows, moves)
+        # One pass with a tensor weight: no host sync, and 0 on a skipped step.
+        torch._foreach_lerp_(shadows, [values[k].float() for k in averaged], ((1 - decay) * keep).float())
         for key in values.keys() - set(averaged):
             self.shadow[key].copy_(values[key])
 
