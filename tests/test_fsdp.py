@@ -72,7 +72,7 @@ def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_step_for_step(tmp_p
         train(Recipe.from_file(recipe).with_overrides([f"out={resumed}"]), resume=True, progress=False)
 
 
-def test_fsdp_in_bf16_reduces_gradients_and_returns_the_loss_in_float32(monkeypatch):
+def test_fsdp_in_bf16_reduces_gradients_in_float32_and_leaves_outputs_uncast(monkeypatch):
     import torch
 
     from tessera.config import ConfigError
@@ -83,8 +83,7 @@ def test_fsdp_in_bf16_reduces_gradients_and_returns_the_loss_in_float32(monkeypa
     monkeypatch.setenv("FSDP_TRANSFORMER_CLS_TO_WRAP", "Block")
     plugin = _fsdp_plugin("bf16")
     policy = plugin.mixed_precision_policy
-    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32,
-                                                                              torch.float32)
+    assert (policy.param_dtype, policy.reduce_dtype, policy.output_dtype) == (torch.bfloat16, torch.float32, None)
     assert plugin.transformer_cls_names_to_wrap == ["Block"]  # the rest still comes from the launch config
     assert _fsdp_plugin("no") is None
     monkeypatch.setenv("FSDP_VERSION", "1")

@@ -17,6 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 from accelerate.utils import gather_object, is_tensorboard_available, set_seed
 from safetensors.torch import load_file
+from torch.distributed.fsdp import MixedPrecisionPolicy
 from tqdm.auto import tqdm
 
 from ..checkpoint import (EMA_WEIGHTS_FILE, LATEST_FILE, WEIGHTS_FILE, CheckpointError, atomic_write_text,
@@ -133,17 +134,18 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
 
 
 def _fsdp_plugin(precision: str | None) -> FullyShardedDataParallelPlugin | None:
-    """Under an FSDP launch in bf16/fp16: compute in that dtype, but reduce gradients and return the loss
-    in float32, as DDP under autocast does (accelerate's default reduces and returns in the low dtype).
-    The rest of the plugin comes from the launch config."""
+    """Under an FSDP launch in bf16/fp16: compute in that dtype but reduce gradients in float32, as DDP
+    under autocast does, and leave outputs uncast, so the loss stays float32 (accelerate's default reduces
+    in the low dtype and casts every shard unit's output, the loss too). The rest of the plugin comes
+    from the launch config."""
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or precision in (None, "no"):
         return None
     if os.environ.get("FSDP_VERSION", "1") != "2":
         raise ConfigError("the FSDP launch config sets fsdp_version 1; tessera trains under FSDP2 "
                           "(fsdp_version: 2, as launch/accelerate/fsdp.yaml)")
     low = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    return FullyShardedDataParallelPlugin(
-        mixed_precision_policy={"param_dtype": low, "reduce_dtype": torch.float32, "output_dtype": torch.float32})
+    return FullyShardedDataParallelPlugin(mixed_precision_policy=MixedPrecisionPolicy(param_dtype=low,
+                                                                                      reduce_dtype=torch.float32))
 
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
