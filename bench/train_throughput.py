@@ -48,7 +48,11 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
         "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
         "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
         "fused-b64": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64"],
-        "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"]}
+        "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"],
+        "fused-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.compile_mode=reduce-overhead"],
+        "fused-autotune": ["train.compile=true", "model.config.loss_chunk=8192",
+                           "train.compile_mode=max-autotune-no-cudagraphs"],
+        "fused-autotune-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.compile_mode=max-autotune"]}
 LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "zero2.yaml",
           "zero3": "zero3.yaml"}
 

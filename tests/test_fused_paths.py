@@ -4,6 +4,7 @@ import json
 import pytest
 import torch
 
+from tessera.config import ConfigError
 from tessera.generators.heads import token_cross_entropy
 from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy
 from tessera.nn.masks import AttentionMask
@@ -187,3 +188,14 @@ def test_liger_kernel_matches_the_torch_fused_path_in_the_triton_interpreter():
             torch.testing.assert_close(out[1][2][name], grad, rtol=1e-4, atol=1e-5)
         assert len(calls) == 5, calls  # 2 x 2 direct calls and VAR's: the liger kernel did run
     """)
+
+
+def test_compile_mode_reaches_every_block(tmp_path, monkeypatch):
+    modes = []
+    monkeypatch.setattr(Block, "compile", lambda self, *args, **kwargs: modes.append(kwargs.get("mode")))
+    recipe = tiny_recipe(tmp_path, images=8, train={"steps": 1, "ckpt_every": 1})
+    train(recipe.with_overrides([f"out={tmp_path / 'run'}", "train.compile=true",
+                                 "train.compile_mode=max-autotune-no-cudagraphs"]), progress=False)
+    assert modes and set(modes) == {"max-autotune-no-cudagraphs"}
+    with pytest.raises(ConfigError, match="compile_mode"):
+        recipe.with_overrides(["train.compile_mode=fastest"])

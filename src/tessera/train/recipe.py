@@ -45,6 +45,9 @@ class TrainSection(Config):
     keep_checkpoints: int = 2
     activation_checkpointing: bool = False  # recompute each trunk block in backward (less memory, ~1/3 more compute)
     compile: bool = False  # torch.compile the trunk's blocks
+    # torch.compile mode: "reduce-overhead" and "max-autotune" replay the blocks as CUDA graphs;
+    # the "max-autotune" modes also try Triton matmul templates with fused epilogues (slow to compile)
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     max_bad_steps: int = 5  # a non-finite gradient skips the update; this many in a row stop training
     seed: int = 0
 

@@ -226,7 +226,7 @@ def _configure_trunk(model: TesseraModel, recipe: Recipe) -> None:
                           f"{recipe.model.kind} has none")
     trunk.activation_checkpointing = t.activation_checkpointing
     if t.compile:
-        trunk.compile()  # in place: parameter names (and checkpoints) unchanged
+        trunk.compile(mode=t.compile_mode)  # in place: parameter names (and checkpoints) unchanged
 
 
 def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, rank: int,
@@ -320,6 +320,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     window = LoggedMeans()
+    graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
     bad_steps = NonFiniteSteps(t.max_bad_steps)
     metrics: dict[str, Any] = {}
     preview_batch = None
@@ -335,6 +336,8 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                     positions[slot] = (epoch, emitted)
                 preview_batch = preview_batch or dict(batch)
                 batch["step"] = step
+                if graphs:  # a new iteration: the previous step's graph outputs may be overwritten
+                    torch.compiler.cudagraph_mark_step_begin()
                 with accelerator.accumulate(model):
                     loss, logs = model(batch)
                     accelerator.backward(loss)
