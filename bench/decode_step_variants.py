@@ -111,7 +111,7 @@ def sweep_kernel(blocks=(16, 32, 64), warps=(1, 2), targets=(2048, 4096, 8192), 
             cfg = DecodeKernelConfig(*config)
             us = 1e3 * do_bench_cudagraph(lambda: triton_decode_attention(q, k, v, n, cfg))
             tables[key][",".join(map(str, config))] = us
-    configs = [c for c in tables[f"rows128_len130"] if "," in c]
+    configs = [c for c in tables["rows128_len130"] if "," in c]
     score = {c: sum(tables[f"rows128_len{n}"][c] for n in (65, 130, 257)) for c in configs}
     best = min(score, key=score.get)
     summary = {key: {"sdpa_bucket_us": t["sdpa_bucket_us"], "best_config_us": t[best],

@@ -38,6 +38,12 @@ def _losses(run: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in map(json.loads, (run / "log.jsonl").read_text().splitlines())}
 
 
+def _steps_logged(run: Path) -> int:
+    """Steps whose log line is complete (the tiny recipe logs every step)."""
+    log = run / "log.jsonl"
+    return log.read_text().count("\n") if log.exists() else 0
+
+
 def _train_command(recipe: Path, out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "tessera.cli", "train", "--config", str(recipe), f"out={out}", *extra]
 
@@ -48,15 +54,17 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run_step_for_step(setup):
     subprocess.run(_train_command(setup["recipe"], whole), env=env, check=True, capture_output=True)
     proc = subprocess.Popen(_train_command(setup["recipe"], killed), env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    latest = killed / "checkpoints" / "latest"
-    while not latest.exists():
-        assert proc.poll() is None, "the run ended before its first checkpoint"
-        time.sleep(0.01)
-    time.sleep(random.uniform(0.0, 1.0))
-    assert proc.poll() is None, "the run ended before it could be killed"
+    # A random step between the first checkpoint (8) and the last (40), then a random moment inside
+    # the next step (a checkpoint write included). A random wall-clock delay instead could outlast the
+    # run on a fast machine and kill it after its final checkpoint.
+    kill_after = random.randint(9, 34)
+    while _steps_logged(killed) < kill_after:
+        assert proc.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.002)
+    time.sleep(random.uniform(0.0, 0.02))
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    resumed_from = int(latest.read_text().split("-")[1])
+    resumed_from = int((killed / "checkpoints" / "latest").read_text().split("-")[1])
     assert 8 <= resumed_from < 40
     subprocess.run(_train_command(setup["recipe"], killed, "--resume"), env=env, check=True, capture_output=True)
     expected, got = _losses(whole), _losses(killed)

@@ -76,7 +76,6 @@ class NonFiniteSteps:
                       f"train.max_bad_steps={self.max_bad})", RuntimeWarning, stacklevel=3)
 
 
-
 class LoggedMeans:
     """Means of the logged values (loss, gradient norm, ...) over a logging window, summed on the device
     in float32 (a bf16 loss, as FSDP's mixed precision gives, summed in bf16 would round to 0.5 near 70);
