@@ -5,7 +5,8 @@ model: gradient clipping, the on-device non-finite skip, fused AdamW, the EMA an
 After warm-up, `--steps` steps are timed on the wall clock (the GPU waited for once, at the end),
 then torch.profiler records as many; the CUDA kernel time is grouped (matrix multiplies, attention,
 everything else: norms, AdaLN, RoPE, elementwise, optimizer, EMA) and the top kernels are listed.
-Wall time minus kernel time is the time the GPU waits for the host.
+Wall time minus kernel time is the time the GPU waits for the host; on a GPU the idle gaps are
+listed by the CPU ops that launched the work after them (where the host fell behind).
 
 GPU:  source .whl/setup.sh; python3 bench/train_step_profile.py --json $OUT/profile.json
 CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 --warmup 1
@@ -13,6 +14,7 @@ CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -66,6 +68,35 @@ def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> f
     return (time.perf_counter() - start) * 1e3 / steps
 
 
+def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int = 12) -> dict[str, Any]:
+    """GPU idle time per step from a chrome trace: each gap of `min_us` or more between device events
+    is charged to the two innermost CPU ops around the launch of the work that ends it."""
+    events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
+    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    if not device:
+        return {"idle_ms_per_step": 0.0, "by_op": []}
+    launches = {e["args"]["correlation"]: e for e in events
+                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    ops = [e for e in events if e.get("cat") == "cpu_op"]
+    charged: dict[str, list[float]] = {}
+    end, idle_total = device[0]["ts"] + device[0]["dur"], 0.0
+    for event in device[1:]:
+        idle = event["ts"] - end
+        if idle >= min_us:
+            idle_total += idle
+            launch = launches.get(event.get("args", {}).get("correlation"))
+            inside = sorted((op for op in ops if launch and op["tid"] == launch["tid"]
+                             and op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]), key=lambda op: op["dur"])
+            name = " < ".join(op["name"][:60] for op in inside[:2]) or "(no launching op found)"
+            total, count = charged.get(name, [0.0, 0])
+            charged[name] = [total + idle, count + 1]
+        end = max(end, event["ts"] + event["dur"])
+    by_op = sorted(charged.items(), key=lambda item: -item[1][0])[:top]
+    return {"idle_ms_per_step": idle_total / 1e3 / steps,
+            "by_op": [{"op": name, "idle_ms_per_step": t / 1e3 / steps, "gaps_per_step": n / steps}
+                      for name, (t, n) in by_op]}
+
+
 def group(name: str) -> str:
     lowered = name.lower()
     return next((g for g, keys in GROUPS.items() if any(k in lowered for k in keys)), "other")
@@ -115,6 +146,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
+    with tempfile.TemporaryDirectory() as tmp:
+        prof.export_chrome_trace(str(Path(tmp) / "trace.json"))
+        gaps = idle_gaps(json.loads((Path(tmp) / "trace.json").read_text()), args.steps)
     # On the GPU track, record_function annotations ("Optimizer.step#AdamW.step") span their kernels: left out.
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA and "#" not in e.key] \
         if device.type == "cuda" else [e for e in prof.key_averages() if not e.cpu_children]
@@ -127,13 +161,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
-              "share": groups,
+              "share": groups, "gpu_idle": gaps,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
                       for t, name, n in timed[:args.top]]}
     print(f"per step: {wall_ms:.1f} ms wall, {per_step_ms:.1f} ms of kernels; "
           + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
+    print(f"GPU idle {gaps['idle_ms_per_step']:.1f} ms per step, by the op that launched the work after it:")
+    for row in gaps["by_op"]:
+        print(f"{row['idle_ms_per_step']:6.2f} ms  x{row['gaps_per_step']:<5.1f} {row['op'][:125]}")
     write_json(args.json, result)
     return result
 
