@@ -6,7 +6,9 @@ After warm-up, `--steps` steps are timed on the wall clock (the GPU waited for o
 then torch.profiler records as many; the CUDA kernel time is grouped (matrix multiplies, attention,
 everything else: norms, AdaLN, RoPE, elementwise, optimizer, EMA) and the top kernels are listed.
 Wall time minus kernel time is the time the GPU waits for the host; on a GPU the idle gaps are
-listed by the CPU ops that launched the work after them (where the host fell behind).
+listed by the CPU ops that launched the work after them (where the host fell behind). The profiler
+slows the host, so under it the idle time is larger than the unprofiled wall-minus-kernel time:
+read the list as a ranking, not as the gap itself.
 
 GPU:  source .whl/setup.sh; python3 bench/train_step_profile.py --json $OUT/profile.json
 CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 --warmup 1
