@@ -353,7 +353,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                     optimizer.zero_grad(set_to_none=True)
                 meter.update(_batch_size(batch))
                 for key, value in {"loss": loss.detach(), **logs}.items():
-                    step_logs[key] = step_logs.get(key, 0.0) + torch.as_tensor(value, dtype=torch.float32) / t.grad_accum
+                    step_logs[key] = step_logs.get(key, 0.0) + value / t.grad_accum  # float32 in LoggedMeans
             step += 1
             scheduler.step()
             bar.update(1)
