@@ -43,10 +43,12 @@ SHAPES = {
     "tiny": {"trunk": {"dim": 64, "n_layers": 2, "n_heads": 4}, "image_size": 32, "msvq": "tiny",
              "scales": [1, 2, 4, 8], "tokenizer": {}, "batch": 4, "images": 64},
 }
-ROWS = {"plain": ["model.config.trunk.attention=sdpa"],
+ROWS = {"plain": ["model.config.trunk.attention=sdpa", "model.config.trunk.fused_qk_rope=false"],
         "compiled": ["train.compile=true"],
         "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
         "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
+        "fused-plain-qk-rope": ["train.compile=true", "model.config.loss_chunk=8192",
+                                "model.config.trunk.fused_qk_rope=false"],
         "fused-b64": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64"],
         "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"],
         "fused-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.compile_mode=reduce-overhead"],

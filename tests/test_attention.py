@@ -4,8 +4,8 @@ import warnings
 import pytest
 import torch
 
-from tessera.nn.attention import (BackendUnavailable, attend, auto_summary, check_xformers, prepare_mask,
-                                  resolve_backend)
+from tessera.nn.attention import (BackendUnavailable, PreparedMask, attend, auto_summary, check_xformers,
+                                  math_attention, prefix_spans, prepare_mask, query_groups, resolve_backend)
 from tessera.nn.masks import AttentionMask
 
 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
@@ -110,3 +110,40 @@ def test_flex_block_mask_of_a_full_sequence_is_built_once():
     mask = AttentionMask.window_sink(window=3, n_sink=2)
     first = prepare_mask(mask, pos, pos, "flex", full_sequence=True).block_mask
     assert prepare_mask(mask, pos, pos, "flex", full_sequence=True).block_mask is first
+
+
+def test_prefix_spans_merge_small_blocks_forward():
+    assert prefix_spans((1, 4, 9, 16, 25, 36, 64, 100), 64) == [(0, 91, 6), (91, 155, 1), (155, 255, 1)]
+    assert prefix_spans((1, 4, 9), 1) == [(0, 1, 1), (1, 5, 1), (5, 14, 1)]
+    assert prefix_spans((1, 4, 9), 100) == [(0, 14, 3)]
+    assert prefix_spans((8, 1, 1), 8) == [(0, 8, 1), (8, 10, 2)]  # a short last span keeps its mask
+
+
+@pytest.mark.parametrize("min_rows", [1, 3, 5, 64])
+def test_block_causal_query_groups_match_reference_in_value_and_gradient(min_rows):
+    """Block-causal attention as one SDPA call per query group (unmasked where a group is one
+    block) against the reference and, for gradients, against one call with the dense mask."""
+    sizes = [1, 2, 3, 5]
+    mask = AttentionMask.block_causal(sizes)
+    pos = torch.arange(sum(sizes))
+    q, k, v = (torch.randn(2, 3, pos.numel(), 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    grouped = PreparedMask("sdpa", groups=query_groups(mask, pos.device, min_rows))
+    dense = PreparedMask("sdpa", dense=mask.dense(pos, pos))
+    out = attend(q, k, v, grouped)
+    expected = attend(q, k, v, dense)
+    torch.testing.assert_close(expected, math_attention(q, k, v, mask.dense(pos, pos)))
+    torch.testing.assert_close(out, expected)
+    weights = torch.randn_like(out)
+    grads = torch.autograd.grad((out * weights).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weights).sum(), (q, k, v))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_a_block_causal_sequence_under_sdpa_runs_as_query_groups():
+    sizes = [1, 4, 9, 16, 25, 36, 64, 100]
+    pos = torch.arange(sum(sizes))
+    prepared = prepare_mask(AttentionMask.block_causal(sizes), pos, pos, "sdpa", full_sequence=True)
+    assert [(g.start, g.end, g.kv_end, g.dense is None) for g in prepared.groups] == [
+        (0, 91, 91, False), (91, 155, 155, True), (155, 255, 255, True)]
+    assert prepared.groups[0].dense.shape == (91, 91)

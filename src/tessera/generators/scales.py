@@ -87,7 +87,7 @@ class ScaleSequenceGenerator(ScaleWiseGenerator):
     @property
     def mask(self) -> AttentionMask:
         """Block-causal over scales (on the model's device)."""
-        return AttentionMask("block_causal", block_ids=self.levels)
+        return AttentionMask("block_causal", block_ids=self.levels, block_sizes=tuple(self.sizes))
 
     # ----- embeddings ------------------------------------------------------------------------------
     def condition_vector(self, cond: Condition, drop: torch.Tensor) -> torch.Tensor:

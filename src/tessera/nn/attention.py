@@ -28,11 +28,22 @@ from .masks import AttentionMask
 Backend = Literal["auto", "sdpa", "flex", "xformers", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "xformers", "math")
 FLEX_FASTEST = frozenset({"window_sink"})  # mask kinds for which `auto` picks FlexAttention on CUDA
+GROUP_MIN_ROWS = 64  # block-causal under sdpa: smaller blocks are merged (see query_groups)
 logger = logging.getLogger(__name__)
 
 
 class BackendUnavailable(RuntimeError):
     """The requested attention backend cannot run here (with the reason)."""
+
+
+@dataclass
+class QueryGroup:
+    """Queries [start, end) attend to keys [0, kv_end): everywhere, or under `dense` (end - start, kv_end)."""
+
+    start: int
+    end: int
+    kv_end: int
+    dense: torch.Tensor | None = None
 
 
 @dataclass
@@ -44,6 +55,7 @@ class PreparedMask:
     dense: torch.Tensor | None = None  # bool (Lq, Lk); None means attend everywhere
     block_mask: Any = None  # FlexAttention BlockMask
     decode_length: torch.Tensor | None = None  # (1,): one causal query over cache slots [0, length)
+    groups: list[QueryGroup] | None = None  # block-causal as one SDPA call per group of query rows
 
 
 def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor, backend: str,
@@ -67,7 +79,38 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
         return PreparedMask(backend)
     if mask.kind == "causal" and full_sequence and backend == "sdpa":
         return PreparedMask(backend, is_causal=True)
+    if mask.kind == "block_causal" and full_sequence and backend == "sdpa" and mask.block_sizes is not None:
+        groups = query_groups(mask, q_pos.device, GROUP_MIN_ROWS)
+        if len(groups) > 1:
+            return PreparedMask(backend, groups=groups)
     return PreparedMask(backend, dense=mask.to(q_pos.device).dense(q_pos, kv_pos))
+
+
+def prefix_spans(block_sizes: tuple[int, ...], min_rows: int) -> list[tuple[int, int, int]]:
+    """Consecutive blocks merged into (start, end, blocks) spans of at least `min_rows` rows (the
+    last span may be shorter): a span's rows see keys [0, end), masked only if it holds several blocks."""
+    spans, start, end, blocks = [], 0, 0, 0
+    for size in block_sizes:
+        end, blocks = end + size, blocks + 1
+        if end - start >= min_rows:
+            spans.append((start, end, blocks))
+            start, blocks = end, 0
+    if blocks:
+        spans.append((start, end, blocks))
+    return spans
+
+
+def query_groups(mask: AttentionMask, device: torch.device, min_rows: int) -> list[QueryGroup]:
+    """A block-causal mask over a full sequence as query groups: each block of at least `min_rows`
+    rows attends, unmasked, to the prefix of keys up to its end; smaller blocks merge with the
+    blocks after them under a dense mask. Keys past a group's end, never visible, are not computed."""
+    rule, groups = mask.to(device), []
+    for start, end, blocks in prefix_spans(mask.block_sizes, min_rows):
+        dense = None
+        if blocks > 1:
+            dense = rule.dense(torch.arange(start, end, device=device), torch.arange(end, device=device))
+        groups.append(QueryGroup(start, end, end, dense))
+    return groups
 
 
 def resolve_backend(backend: str, mask_kind: str, device_type: str) -> str:
@@ -102,6 +145,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: Prepared
     """Scaled dot-product attention on (B, H, L, D) tensors with a prepared mask."""
     if prepared.decode_length is not None:
         return decode_attention(q, k, v, prepared.decode_length)
+    if prepared.groups is not None:
+        return torch.cat([F.scaled_dot_product_attention(q[:, :, g.start:g.end], k[:, :, :g.kv_end], v[:, :, :g.kv_end],
+                                                         attn_mask=g.dense) for g in prepared.groups], dim=2)
     if prepared.backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=prepared.dense, is_causal=prepared.is_causal)
     if prepared.backend == "flex":

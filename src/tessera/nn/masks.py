@@ -25,6 +25,7 @@ class AttentionMask:
 
     kind: MaskKind
     block_ids: torch.Tensor | None = None  # block_causal: (L,) non-decreasing block index per position
+    block_sizes: tuple[int, ...] | None = None  # block_causal: the same blocks' lengths, known on the host
     window: int = 0  # window_sink: a query sees the last `window` positions (itself included); band: |q - k| <= window
     n_sink: int = 0  # window_sink: ... plus the first `n_sink` positions
 
@@ -40,7 +41,7 @@ class AttentionMask:
     def block_causal(block_sizes: list[int], device: torch.device | str = "cpu") -> "AttentionMask":
         """Each position sees its own block and all earlier blocks (VAR's next-scale mask)."""
         ids = torch.repeat_interleave(torch.arange(len(block_sizes)), torch.tensor(block_sizes))
-        return AttentionMask("block_causal", block_ids=ids.to(device))
+        return AttentionMask("block_causal", block_ids=ids.to(device), block_sizes=tuple(block_sizes))
 
     @staticmethod
     def window_sink(window: int, n_sink: int) -> "AttentionMask":
@@ -77,4 +78,4 @@ class AttentionMask:
     def to(self, device: torch.device | str) -> "AttentionMask":
         if self.block_ids is None or self.block_ids.device == torch.device(device):
             return self
-        return AttentionMask(self.kind, self.block_ids.to(device), self.window, self.n_sink)
+        return AttentionMask(self.kind, self.block_ids.to(device), self.block_sizes, self.window, self.n_sink)

@@ -1,0 +1,135 @@
+"""Block-causal (next-scale) attention, forward + backward, by each way of computing it.
+
+VAR-d16's training shape by default: batch 32, 16 heads of 64, the 680 positions of scales
+1, 2, 3, 4, 5, 6, 8, 10, 13, 16 (squared), bf16. q, k and v come out of one (B, L, 3, H, D)
+projection as in the trunk, and the output goes back to (B, L, H * D); each variant is compiled
+with torch.compile (as the trunk's blocks are) and timed for forward + backward:
+
+- `dense`: one SDPA call with the dense boolean mask;
+- `groups-N`: one SDPA call per group of query rows (nn/attention.py's `query_groups`): a block
+  of at least N rows attends, unmasked, to the keys up to its end; smaller blocks merge;
+- `flex`: FlexAttention with a block mask of the same rule (skips fully masked tiles);
+- `full`: unmasked attention over all positions, a reference speed (a different result).
+
+SDPA variants also run with each kernel family forced (cudnn, flash, efficient); one that cannot
+take the inputs (flash takes no mask) is reported with its error. TFLOP/s count the dense
+L x L work (4 * B * L^2 * H * D forward, 2.5x that backward), the MFU convention of train/throughput.py.
+
+GPU:  source .whl/setup.sh; python3 bench/attention_block_causal.py --json $OUT/attention.json
+CPU smoke:  .venv/bin/python bench/attention_block_causal.py --device cpu --batch 1 --reps 1 --variants dense,groups-64
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Callable
+
+_BENCH = Path(__file__).resolve().parent
+for _p in (_BENCH.parent / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from timing import environment, measure, write_json  # noqa: E402
+
+from tessera.nn.attention import PreparedMask, attend, query_groups  # noqa: E402
+from tessera.nn.masks import AttentionMask  # noqa: E402
+
+SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+KERNELS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+           "efficient": SDPBackend.EFFICIENT_ATTENTION}
+
+
+def prepared_masks(sizes: list[int], device: torch.device) -> dict[str, PreparedMask]:
+    """Every variant's prepared mask (see the module docstring)."""
+    from tessera.nn.attention import _flex_block_mask
+    mask = AttentionMask.block_causal(sizes, device)
+    pos = torch.arange(sum(sizes), device=device)
+    out = {"dense": PreparedMask("sdpa", dense=mask.dense(pos, pos)), "full": PreparedMask("sdpa")}
+    for rows in (1, 64, 128):
+        out[f"groups-{rows}"] = PreparedMask("sdpa", groups=query_groups(mask, device, rows))
+    if device.type == "cuda":
+        out["flex"] = PreparedMask("flex", block_mask=_flex_block_mask(mask, pos, pos))
+    return out
+
+
+def attention_step(prepared: PreparedMask, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """(B, L, 3 * H * D) projections -> (B, L, H * D) attention output, as the trunk's Attention."""
+    def step(qkv: torch.Tensor) -> torch.Tensor:
+        b, length, width = qkv.shape
+        q, k, v = qkv.view(b, length, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+        return attend(q, k, v, prepared).transpose(1, 2).reshape(b, length, -1)
+    return step
+
+
+def time_variant(step: Callable, qkv: torch.Tensor, kernel: SDPBackend | None, device: torch.device,
+                 warmup: int, reps: int) -> dict:
+    compiled = torch.compile(step, dynamic=False) if device.type == "cuda" else step
+    grad = torch.randn(qkv.shape[0], qkv.shape[1], qkv.shape[2] // 3, device=device, dtype=qkv.dtype)
+
+    def fwd_bwd():
+        qkv.grad = None
+        compiled(qkv).backward(grad)
+
+    if kernel is None:
+        return measure(fwd_bwd, device, warmup, reps)
+    with sdpa_kernel([kernel]):
+        return measure(fwd_bwd, device, warmup, reps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--scales", default=",".join(map(str, SCALES)), help="side of each scale, coarse to fine")
+    ap.add_argument("--variants", default="dense,groups-1,groups-64,groups-128,flex,full")
+    ap.add_argument("--kernels", default="default,cudnn,flash,efficient", help="SDPA kernel families to force")
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    sizes = [int(s) ** 2 for s in args.scales.split(",")]
+    length = sum(sizes)
+    torch.manual_seed(0)
+    qkv = torch.randn(args.batch, length, 3 * args.heads * args.head_dim, device=device, dtype=dtype,
+                      requires_grad=True)
+    flops = 3.5 * 4 * args.batch * length ** 2 * args.heads * args.head_dim
+    masks = prepared_masks(sizes, device)
+    rows, reference = [], None
+    for name in args.variants.split(","):
+        if name not in masks:
+            continue
+        kernels = ["default"] if name == "flex" else args.kernels.split(",")
+        for kernel in kernels:
+            row = {"variant": name, "kernel": kernel}
+            try:
+                result = time_variant(attention_step(masks[name], args.heads), qkv, KERNELS[kernel], device,
+                                      args.warmup, args.reps)
+            except Exception as err:  # a kernel family that cannot take these inputs
+                row["error"] = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                print(f"{name:>12} {kernel:>9}: {row['error']}", flush=True)
+                rows.append(row)
+                continue
+            out = attention_step(masks[name], args.heads)(qkv.detach()).float()
+            if name != "full":
+                reference = out if reference is None else reference
+                row["max_abs_diff_vs_first"] = float((out - reference).abs().max())
+            row["ms"] = result["median_s"] * 1e3
+            row["tflops_dense_count"] = flops / result["median_s"] / 1e12
+            print(f"{name:>12} {kernel:>9}: {row['ms']:.3f} ms  {row['tflops_dense_count']:.0f} TFLOP/s  "
+                  f"diff {row.get('max_abs_diff_vs_first', float('nan')):.2e}", flush=True)
+            rows.append(row)
+    write_json(args.json, {"benchmark": "attention_block_causal", "batch": args.batch, "heads": args.heads,
+                           "head_dim": args.head_dim, "length": length, "sizes": sizes,
+                           "env": environment(args.device), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

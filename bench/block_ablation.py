@@ -1,0 +1,132 @@
+"""What each part of one trunk block costs in training: forward + backward of one compiled block
+at VAR-d16's shape (batch 32, 680 positions, width 1024, 16 heads, AdaLN from a 1024-d condition,
+QK-norm, 2-axis RoPE, SwiGLU), bf16 autocast over float32 weights and a float32 residual stream,
+as the trainer runs it, with one part taken out at a time:
+
+- `block`: the block as trained (block-causal attention as SDPA query groups, QK-norm and RoPE
+  in one Triton kernel, nn/qk_norm_rope.py);
+- `unfused-qk-rope`: QK-norm and RoPE as plain PyTorch ops (fused by Inductor) instead;
+- `dense-mask`: attention as one SDPA call with the dense mask instead;
+- `no-qk-norm`, `no-rope`: without that part, the other one as plain ops (compare with `unfused-qk-rope`);
+- `no-adaln`: without AdaLN (learned norm gains instead);
+- `no-attention`: attention replaced by its values (no softmax kernel at all);
+- `matmuls`: only the block's four projections (qkv, out, w13, w2) on bf16 activations: the floor
+  the matmuls set.
+
+The difference between `block` and a variant is what that part costs (norms, rotations and
+modulations are memory-bound: their cost is the traffic Inductor's kernels make).
+
+GPU:  source .whl/setup.sh; python3 bench/block_ablation.py --json $OUT/block.json
+CPU smoke:  .venv/bin/python bench/block_ablation.py --device cpu --batch 1 --dim 64 --heads 4 --reps 1
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+from typing import Callable, Iterator
+
+_BENCH = Path(__file__).resolve().parent
+for _p in (_BENCH.parent / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from timing import environment, measure, write_json  # noqa: E402
+
+from tessera.nn import trunk as trunk_module  # noqa: E402
+from tessera.nn.attention import PreparedMask, attend, prepare_mask  # noqa: E402
+from tessera.nn.layers import swiglu_hidden  # noqa: E402
+from tessera.nn.masks import AttentionMask  # noqa: E402
+from tessera.nn.rope import RotaryEmbedding  # noqa: E402
+
+SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "no-qk-norm", "no-rope", "no-adaln", "no-attention", "matmuls")
+
+
+@contextlib.contextmanager
+def patched(name: str, value) -> Iterator[None]:
+    """Temporarily replace a function the trunk module calls."""
+    original = getattr(trunk_module, name)
+    setattr(trunk_module, name, value)
+    try:
+        yield
+    finally:
+        setattr(trunk_module, name, original)
+
+
+def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], None], contextlib.AbstractContextManager]:
+    """A compiled forward + backward of one block in `variant`, and the patch it runs under."""
+    cfg = trunk_module.TrunkConfig(dim=args.dim, n_layers=1, n_heads=args.heads, qk_norm=variant != "no-qk-norm",
+                                   fused_qk_rope=variant not in ("unfused-qk-rope", "no-rope"),
+                                   cond_dim=0 if variant == "no-adaln" else args.dim)
+    sizes = [s * s for s in SCALES]
+    length = sum(sizes)
+    pos = torch.arange(length, device=device)
+    mask = AttentionMask.block_causal(sizes, device)
+    prepared = (PreparedMask("sdpa", dense=mask.dense(pos, pos)) if variant == "dense-mask"
+                else prepare_mask(mask, pos, pos, "sdpa", full_sequence=True))
+    rope = RotaryEmbedding(cfg.head_dim, 2).to(device)(torch.rand(length, 2, device=device) * 16)
+    x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
+    cond = torch.randn(args.batch, args.dim, device=device) if cfg.cond_dim else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+    if variant == "matmuls":
+        hidden = swiglu_hidden(args.dim, cfg.mlp_ratio, cfg.multiple_of)
+        shapes = [(args.dim, 3 * args.dim), (args.dim, args.dim), (args.dim, 2 * hidden), (hidden, args.dim)]
+        weights = [(torch.randn(i, o, device=device, dtype=torch.bfloat16) * 0.02).requires_grad_() for i, o in shapes]
+        inputs = [torch.randn(args.batch * length, i, device=device, dtype=torch.bfloat16, requires_grad=True)
+                  for i, _ in shapes]
+
+        def matmuls() -> None:
+            outs = [a @ w for a, w in zip(inputs, weights)]
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+        return matmuls, contextlib.nullcontext()
+    block = trunk_module.Block(cfg).to(device)
+    compiled = torch.compile(block, dynamic=False) if device.type == "cuda" else block
+    grad = torch.randn_like(x)
+
+    def step() -> None:
+        x.grad = None
+        with autocast:
+            out = compiled(x, rope, prepared, cond, None, 0, None, None)
+        out.backward(grad)
+    if variant == "no-rope":
+        return step, patched("apply_rotary", lambda t, cos, sin: t)
+    if variant == "no-attention":
+        return step, patched("attend", lambda q, k, v, p: v)
+    return step, contextlib.nullcontext()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--dim", type=int, default=1024)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = []
+    for variant in args.variants.split(","):
+        torch._dynamo.reset()
+        step, patch = block_step(variant, args, device)
+        with patch:
+            ms = measure(step, device, args.warmup, args.reps)["median_s"] * 1e3
+        rows.append({"variant": variant, "ms": ms})
+        print(f"{variant:>13}: {ms:.3f} ms", flush=True)
+    base = next((r["ms"] for r in rows if r["variant"] == "block"), None)
+    if base is not None:
+        for r in rows:
+            r["cost_ms"] = base - r["ms"]
+    write_json(args.json, {"benchmark": "block_ablation", "batch": args.batch, "dim": args.dim, "heads": args.heads,
+                           "env": environment(args.device), "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
