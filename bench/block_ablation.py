@@ -67,7 +67,7 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
     pos = torch.arange(length, device=device)
     mask = AttentionMask.block_causal(sizes, device)
     prepared = (PreparedMask("sdpa", dense=mask.dense(pos, pos)) if variant == "dense-mask"
-                else prepare_mask(mask, pos, pos, "sdpa", full_sequence=True))
+                else prepare_mask(mask, pos, pos, "sdpa", full_sequence=True, group_rows=64))
     rope = RotaryEmbedding(cfg.head_dim, 2).to(device)(torch.rand(length, 2, device=device) * 16)
     x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
     cond = torch.randn(args.batch, args.dim, device=device) if cfg.cond_dim else None

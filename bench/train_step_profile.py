@@ -32,7 +32,6 @@ import torch  # noqa: E402
 
 from timing import environment, write_json  # noqa: E402
 
-from tessera.nn import attention  # noqa: E402
 from tessera.train.ema import EMA  # noqa: E402
 from tessera.train.step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag  # noqa: E402
 from train_throughput import SHAPES  # noqa: E402
@@ -42,8 +41,10 @@ GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm",
           "attention": ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")}
 
 
-def build(shape: dict[str, Any], loss_chunk: int, device: torch.device, fused_qk_rope: bool = True) -> torch.nn.Module:
-    """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled."""
+def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
+          trunk: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled;
+    `trunk` overrides trunk settings."""
     from tessera.registry import build_model
     from tessera.tokenizers.text import train_text_tokenizer
     torch.manual_seed(0)
@@ -54,7 +55,7 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device, fused_qk
         train_text_tokenizer(iter([CAPTION] * 8), vocab_size=256, out_path=Path(tmp) / "text.json")
         model = build_model("next_scale", None, tokenizer=str(Path(tmp) / "msvq"), cond="text",
                             text_tokenizer=str(Path(tmp) / "text.json"), loss_chunk=loss_chunk,
-                            trunk={**shape["trunk"], "fused_qk_rope": fused_qk_rope})
+                            trunk={**shape["trunk"], **(trunk or {})})
     model.to(device).train()
     model.trunk.compile()
     return model
@@ -114,16 +115,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--dense-block-causal", action="store_true",
-                   help="attention as one SDPA call with the dense mask, not per query group")
+    p.add_argument("--group-rows", type=int, default=0, help="trunk.attention_group_rows (0: one SDPA call, dense mask)")
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if args.dense_block_causal:
-        attention.GROUP_MIN_ROWS = sys.maxsize  # one group: prepare_mask falls back to the dense mask
-    model = build(shape, args.loss_chunk, device, fused_qk_rope=not args.plain_qk_rope)
+    model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
+                                                          "attention_group_rows": args.group_rows})
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
     b = args.batch or shape["batch"]
@@ -169,7 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, name, _ in timed:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
-              "dense_block_causal": args.dense_block_causal, "plain_qk_rope": args.plain_qk_rope,
+              "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
               "share": groups, "gpu_idle": gaps,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}

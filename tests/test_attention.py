@@ -140,10 +140,13 @@ def test_block_causal_query_groups_match_reference_in_value_and_gradient(min_row
         torch.testing.assert_close(got, want)
 
 
-def test_a_block_causal_sequence_under_sdpa_runs_as_query_groups():
+def test_a_block_causal_sequence_under_sdpa_runs_as_query_groups_when_asked():
     sizes = [1, 4, 9, 16, 25, 36, 64, 100]
     pos = torch.arange(sum(sizes))
-    prepared = prepare_mask(AttentionMask.block_causal(sizes), pos, pos, "sdpa", full_sequence=True)
+    mask = AttentionMask.block_causal(sizes)
+    assert prepare_mask(mask, pos, pos, "sdpa", full_sequence=True).groups is None  # the default: one call
+    assert prepare_mask(mask, pos, pos, "sdpa", full_sequence=True, group_rows=1000).groups is None  # one span
+    prepared = prepare_mask(mask, pos, pos, "sdpa", full_sequence=True, group_rows=64)
     assert [(g.start, g.end, g.kv_end, g.dense is None) for g in prepared.groups] == [
         (0, 91, 91, False), (91, 155, 155, True), (155, 255, 255, True)]
     assert prepared.groups[0].dense.shape == (91, 91)

@@ -93,7 +93,8 @@ def test_compiled_block_on_a_gpu_matches_the_plain_block_in_bf16():
     blocks[1].load_state_dict(blocks[0].state_dict())
     sizes = [1, 4, 9, 16, 25, 36, 64, 100]
     pos = torch.arange(sum(sizes), device="cuda")
-    prepared = prepare_mask(AttentionMask.block_causal(sizes, "cuda"), pos, pos, "sdpa", full_sequence=True)
+    prepared = prepare_mask(AttentionMask.block_causal(sizes, "cuda"), pos, pos, "sdpa", full_sequence=True,
+                            group_rows=64)
     rope = RotaryEmbedding(64, 2).cuda()(torch.rand(pos.numel(), 2, device="cuda") * 16)
     x, cond = torch.randn(4, pos.numel(), 256, device="cuda"), torch.randn(4, 256, device="cuda")
     results = []

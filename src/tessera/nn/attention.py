@@ -28,7 +28,6 @@ from .masks import AttentionMask
 Backend = Literal["auto", "sdpa", "flex", "xformers", "math"]
 BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "xformers", "math")
 FLEX_FASTEST = frozenset({"window_sink"})  # mask kinds for which `auto` picks FlexAttention on CUDA
-GROUP_MIN_ROWS = 64  # block-causal under sdpa: smaller blocks are merged (see query_groups)
 logger = logging.getLogger(__name__)
 
 
@@ -59,11 +58,12 @@ class PreparedMask:
 
 
 def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor, backend: str,
-                 full_sequence: bool) -> PreparedMask:
+                 full_sequence: bool, group_rows: int = 0) -> PreparedMask:
     """Turn an AttentionMask at the given absolute positions into the backend's input.
 
     `full_sequence` says q_pos == kv_pos == arange(L) (no cache), which lets sdpa use its
-    fused causal path and skip a dense mask.
+    fused causal path and skip a dense mask. `group_rows` > 0 runs a block-causal full sequence
+    under sdpa as query groups of at least that many rows (see `query_groups`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(BACKENDS)}")
@@ -79,8 +79,9 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
         return PreparedMask(backend)
     if mask.kind == "causal" and full_sequence and backend == "sdpa":
         return PreparedMask(backend, is_causal=True)
-    if mask.kind == "block_causal" and full_sequence and backend == "sdpa" and mask.block_sizes is not None:
-        groups = query_groups(mask, q_pos.device, GROUP_MIN_ROWS)
+    if (group_rows > 0 and mask.kind == "block_causal" and full_sequence and backend == "sdpa"
+            and mask.block_sizes is not None):
+        groups = query_groups(mask, q_pos.device, group_rows)
         if len(groups) > 1:
             return PreparedMask(backend, groups=groups)
     return PreparedMask(backend, dense=mask.to(q_pos.device).dense(q_pos, kv_pos))
