@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from timing import environment, measure, write_json  # noqa: E402
 
 from tessera.nn import trunk as trunk_module  # noqa: E402
-from tessera.nn.attention import PreparedMask, attend, prepare_mask  # noqa: E402
+from tessera.nn.attention import PreparedMask, prepare_mask  # noqa: E402
 from tessera.nn.layers import swiglu_hidden  # noqa: E402
 from tessera.nn.masks import AttentionMask  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
