@@ -30,7 +30,12 @@ def _launch(launch: tuple[str, ...], program: list[str], recipe: Path, out: Path
                f"out={out}", *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1",
            "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT / 'tests'}"}
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=400)
+    except subprocess.TimeoutExpired as err:  # say where the 2-process run stood (seen once, not reproduced)
+        output = "".join(part.decode(errors="replace") if isinstance(part, bytes) else part  # bytes, even in text mode
+                         for part in (err.stdout or b"", err.stderr or b""))
+        raise AssertionError(f"{' '.join(launch)} run timed out after 400 s; its output ends:\n{output[-4000:]}") from None
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
 
 
