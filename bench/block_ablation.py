@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from timing import environment, measure, write_json  # noqa: E402
 
+from tessera.nn import qk_norm_rope  # noqa: E402
 from tessera.nn import trunk as trunk_module  # noqa: E402
 from tessera.nn.attention import PreparedMask, prepare_mask  # noqa: E402
 from tessera.nn.layers import swiglu_hidden  # noqa: E402
@@ -47,14 +48,14 @@ VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "no-qk-norm", "no-rope", "
 
 
 @contextlib.contextmanager
-def patched(name: str, value) -> Iterator[None]:
-    """Temporarily replace a function the trunk module calls."""
-    original = getattr(trunk_module, name)
-    setattr(trunk_module, name, value)
+def patched(module, name: str, value) -> Iterator[None]:
+    """Temporarily replace a function `module` calls."""
+    original = getattr(module, name)
+    setattr(module, name, value)
     try:
         yield
     finally:
-        setattr(trunk_module, name, original)
+        setattr(module, name, original)
 
 
 def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], None], contextlib.AbstractContextManager]:
@@ -93,9 +94,9 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
             out = compiled(x, rope, prepared, cond, None, 0, None, None)
         out.backward(grad)
     if variant == "no-rope":
-        return step, patched("apply_rotary", lambda t, cos, sin: t)
+        return step, patched(qk_norm_rope, "apply_rotary", lambda t, cos, sin: t)
     if variant == "no-attention":
-        return step, patched("attend", lambda q, k, v, p: v)
+        return step, patched(trunk_module, "attend", lambda q, k, v, p: v)
     return step, contextlib.nullcontext()
 
 

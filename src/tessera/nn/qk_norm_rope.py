@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from .decode_attention import triton_available
+from .layers import rms_norm
 from .rope import apply_rotary
 
 try:
@@ -34,8 +35,7 @@ def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Te
                             eps: float) -> torch.Tensor:
     """(B, H, L, D) rows normalised (float32, then the input's dtype), scaled by `weight`, rotated
     by the (L, D/2) tables: the trunk's plain path."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps) * weight.float()
-    return apply_rotary(normed.type_as(x), cos, sin)
+    return apply_rotary(rms_norm(x, weight, eps), cos, sin)
 
 
 def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -17,7 +17,7 @@ from .attention import BACKENDS, PreparedMask, attend, prepare_mask
 from .cache import KVCache
 from .layers import AdaLNModulation, RMSNorm, SwiGLU, modulate, swiglu_hidden
 from .masks import AttentionMask
-from .qk_norm_rope import rms_norm_rope
+from .qk_norm_rope import rms_norm_rope, rms_norm_rope_reference
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -67,18 +67,18 @@ class Attention(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.fused_qk_rope = cfg.qk_norm and cfg.fused_qk_rope
+        self.fused_qk_rope = cfg.fused_qk_rope
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prepared: PreparedMask,
                 cache: KVCache | None, layer: int, positions: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
         b, length, _ = x.shape
         q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        if self.fused_qk_rope:
-            q = rms_norm_rope(q, self.q_norm.weight, *rope, self.q_norm.eps)
-            k = rms_norm_rope(k, self.k_norm.weight, *rope, self.k_norm.eps)
+        norm_rope = rms_norm_rope if self.fused_qk_rope else rms_norm_rope_reference
+        if isinstance(self.q_norm, RMSNorm):
+            q = norm_rope(q, self.q_norm.weight, *rope, self.q_norm.eps)
+            k = norm_rope(k, self.k_norm.weight, *rope, self.k_norm.eps)
         else:
-            q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, positions, k, v, kv_len)
