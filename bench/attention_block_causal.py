@@ -9,7 +9,11 @@ with torch.compile (as the trunk's blocks are) and timed for forward + backward:
 - `groups-N`: one SDPA call per group of query rows (nn/attention.py's `query_groups`): a block
   of at least N rows attends, unmasked, to the keys up to its end; smaller blocks merge;
 - `flex`: FlexAttention with a block mask of the same rule (skips fully masked tiles);
+- `prefix`: the Triton kernels of nn/prefix_attention.py (skip tiles no row sees, mask only tiles
+  some rows see);
 - `full`: unmasked attention over all positions, a reference speed (a different result).
+
+`--sweep` times the prefix kernels alone under each tile configuration in SWEEP instead.
 
 SDPA variants also run with each kernel family forced (cudnn, flash, efficient); one that cannot
 take the inputs (flash takes no mask) is reported with its error. TFLOP/s count the dense
@@ -37,6 +41,7 @@ from timing import environment, measure, write_json  # noqa: E402
 
 from tessera.nn.attention import PreparedMask, attend, query_groups  # noqa: E402
 from tessera.nn.masks import AttentionMask  # noqa: E402
+from tessera.nn import prefix_attention as pa  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 KERNELS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
@@ -53,7 +58,49 @@ def prepared_masks(sizes: list[int], device: torch.device) -> dict[str, Prepared
         out[f"groups-{rows}"] = PreparedMask("sdpa", groups=query_groups(mask, device, rows))
     if device.type == "cuda":
         out["flex"] = PreparedMask("flex", block_mask=_flex_block_mask(mask, pos, pos))
+        out["prefix"] = PreparedMask("triton", prefix=pa.PrefixMask.block_causal(tuple(sizes), device))
     return out
+
+
+SWEEP = {  # (block_m, block_n, num_warps, num_stages)
+    "forward": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3), (128, 64, 8, 3),
+                (64, 128, 8, 3)],
+    "backward_kv": [(16, 64, 4, 2), (16, 64, 4, 3), (16, 128, 4, 2), (32, 64, 4, 3), (16, 32, 2, 2),
+                    (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 8, 2)],
+    "backward_q": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 3), (32, 64, 4, 3), (64, 64, 8, 3),
+                   (128, 64, 8, 3), (64, 128, 8, 2)],
+}
+
+
+def sweep_tiles(qkv: torch.Tensor, sizes: list[int], heads: int, device: torch.device, warmup: int,
+                reps: int) -> list[dict]:
+    """The prefix kernels alone (forward; backward with one kernel's tiles varied) per tile configuration."""
+    b, length, width = qkv.shape
+    q, k, v = qkv.detach().view(b, length, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
+    mask = pa.PrefixMask.block_causal(tuple(sizes), device)
+    out, lse = pa.triton_prefix_attention(q, k, v, mask.kv_end)
+    grad = torch.randn_like(out)
+    rows = []
+    for kernel, configs in SWEEP.items():
+        for config in configs:
+            tiles = pa.TileConfig(*config)
+            if kernel == "forward":
+                fn = lambda: pa.triton_prefix_attention(q, k, v, mask.kv_end, tiles)  # noqa: E731
+            elif kernel == "backward_kv":
+                fn = lambda: pa.triton_prefix_attention_backward(grad, q, k, v, out, lse, mask.kv_end,  # noqa: E731
+                                                                 mask.first_rows, kv_tiles=tiles)
+            else:
+                fn = lambda: pa.triton_prefix_attention_backward(grad, q, k, v, out, lse, mask.kv_end,  # noqa: E731
+                                                                 mask.first_rows, q_tiles=tiles)
+            row = {"kernel": kernel, "tiles": list(config)}
+            try:
+                row["ms"] = measure(fn, device, warmup, reps)["median_s"] * 1e3
+                print(f"{kernel:>12} {config}: {row['ms']:.3f} ms", flush=True)
+            except Exception as err:  # e.g. out of shared memory for this configuration
+                row["error"] = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+                print(f"{kernel:>12} {config}: {row['error']}", flush=True)
+            rows.append(row)
+    return rows
 
 
 def attention_step(prepared: PreparedMask, heads: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -87,7 +134,8 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scales", default=",".join(map(str, SCALES)), help="side of each scale, coarse to fine")
-    ap.add_argument("--variants", default="dense,groups-1,groups-64,groups-128,flex,full")
+    ap.add_argument("--variants", default="dense,groups-1,groups-64,groups-128,flex,prefix,full")
+    ap.add_argument("--sweep", action="store_true", help="time the prefix kernels per tile configuration")
     ap.add_argument("--kernels", default="default,cudnn,flash,efficient", help="SDPA kernel families to force")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--reps", type=int, default=20)
@@ -101,12 +149,18 @@ def main() -> None:
     qkv = torch.randn(args.batch, length, 3 * args.heads * args.head_dim, device=device, dtype=dtype,
                       requires_grad=True)
     flops = 3.5 * 4 * args.batch * length ** 2 * args.heads * args.head_dim
+    if args.sweep:
+        write_json(args.json, {"benchmark": "prefix_attention_tiles", "batch": args.batch, "heads": args.heads,
+                               "head_dim": args.head_dim, "length": length, "sizes": sizes,
+                               "env": environment(args.device),
+                               "rows": sweep_tiles(qkv, sizes, args.heads, device, args.warmup, args.reps)})
+        return
     masks = prepared_masks(sizes, device)
     rows, reference = [], None
     for name in args.variants.split(","):
         if name not in masks:
             continue
-        kernels = ["default"] if name == "flex" else args.kernels.split(",")
+        kernels = ["default"] if name in ("flex", "prefix") else args.kernels.split(",")
         for kernel in kernels:
             row = {"variant": name, "kernel": kernel}
             try:

@@ -3,10 +3,11 @@ at VAR-d16's shape (batch 32, 680 positions, width 1024, 16 heads, AdaLN from a 
 QK-norm, 2-axis RoPE, SwiGLU), bf16 autocast over float32 weights and a float32 residual stream,
 as the trainer runs it, with one part taken out at a time:
 
-- `block`: the block as trained (block-causal attention as SDPA query groups, QK-norm and RoPE
-  in one Triton kernel, nn/qk_norm_rope.py);
+- `block`: the block as trained (block-causal attention on the prefix-mask Triton kernels,
+  nn/prefix_attention.py; QK-norm and RoPE in one Triton kernel, nn/qk_norm_rope.py);
 - `unfused-qk-rope`: QK-norm and RoPE as plain PyTorch ops (fused by Inductor) instead;
 - `dense-mask`: attention as one SDPA call with the dense mask instead;
+- `sdpa-groups`: attention as SDPA query groups of at least 64 rows instead;
 - `no-qk-norm`, `no-rope`: without that part, the other one as plain ops (compare with `unfused-qk-rope`);
 - `no-adaln`: without AdaLN (learned norm gains instead);
 - `no-attention`: attention replaced by its values (no softmax kernel at all);
@@ -44,7 +45,7 @@ from tessera.nn.masks import AttentionMask  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "no-qk-norm", "no-rope", "no-adaln", "no-attention", "matmuls")
+VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln", "no-attention", "matmuls")
 
 
 @contextlib.contextmanager
@@ -67,8 +68,11 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
     length = sum(sizes)
     pos = torch.arange(length, device=device)
     mask = AttentionMask.block_causal(sizes, device)
-    prepared = (PreparedMask("sdpa", dense=mask.dense(pos, pos)) if variant == "dense-mask"
-                else prepare_mask(mask, pos, pos, "sdpa", full_sequence=True, group_rows=64))
+    if variant == "dense-mask":
+        prepared = PreparedMask("sdpa", dense=mask.dense(pos, pos))
+    else:
+        prepared = prepare_mask(mask, pos, pos, "sdpa" if variant == "sdpa-groups" else "auto", full_sequence=True,
+                                group_rows=64)
     rope = RotaryEmbedding(cfg.head_dim, 2).to(device)(torch.rand(length, 2, device=device) * 16)
     x = torch.randn(args.batch, length, args.dim, device=device, requires_grad=True)
     cond = torch.randn(args.batch, args.dim, device=device) if cfg.cond_dim else None

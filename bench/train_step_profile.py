@@ -38,7 +38,7 @@ from train_throughput import SHAPES  # noqa: E402
 
 CAPTION = "a red circle left of a blue square"
 GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm", "mm_"),
-          "attention": ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")}
+          "attention": ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")}  # incl. _prefix_attention_*
 
 
 def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
@@ -115,13 +115,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
-    p.add_argument("--group-rows", type=int, default=0, help="trunk.attention_group_rows (0: one SDPA call, dense mask)")
+    p.add_argument("--group-rows", type=int, default=0, help="trunk.attention_group_rows under --attention sdpa (0: one call, dense mask)")
+    p.add_argument("--attention", default="auto", help="trunk.attention (auto: the prefix kernels for this mask)")
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
+                                                          "attention": args.attention,
                                                           "attention_group_rows": args.group_rows})
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, name, _ in timed:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
-              "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
+              "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
               "share": groups, "gpu_idle": gaps,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}

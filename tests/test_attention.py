@@ -1,4 +1,5 @@
 """Every attention backend against an independent float64 reference, for every mask."""
+import importlib.util
 import warnings
 
 import pytest
@@ -91,12 +92,16 @@ def test_unknown_backend_is_rejected():
 
 
 def test_auto_picks_per_mask_kind_and_device():
-    """`auto`: FlexAttention for window+sink on CUDA (measured fastest there), SDPA for every other case."""
+    """`auto` on CUDA (each measured fastest there): FlexAttention for window+sink, the prefix-mask
+    Triton kernels for block-causal (where Triton is installed), SDPA for every other case; SDPA on CPU."""
+    triton = importlib.util.find_spec("triton") is not None
+    on_cuda = {"window_sink": "flex", "block_causal": "triton" if triton else "sdpa"}
     for kind in MASKS:
         assert resolve_backend("auto", kind, "cpu") == "sdpa"
-        assert resolve_backend("auto", kind, "cuda") == ("flex" if kind == "window_sink" else "sdpa")
+        assert resolve_backend("auto", kind, "cuda") == on_cuda.get(kind, "sdpa")
         assert resolve_backend("math", kind, "cuda") == "math"
-    assert auto_summary("cuda") == "window_sink: flex; others: sdpa" and auto_summary("cpu") == "sdpa"
+    assert auto_summary("cuda") == "window_sink: flex; " + ("block_causal: triton; " if triton else "") + "others: sdpa"
+    assert auto_summary("cpu") == "sdpa"
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, L, 8, dtype=torch.float64) for _ in range(3))
     pos = torch.arange(L)

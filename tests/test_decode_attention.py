@@ -8,9 +8,10 @@ import triton  # noqa: F401  (the dev extra installs it; the kernel runs in its 
 from tessera.nn.attention import prepare_mask
 from tessera.nn.decode_attention import reference_decode_attention
 from tessera.nn.masks import AttentionMask
-from triton_interpreter import run_interpreted
+from triton_interpreter import needs_runtime_loop_bounds, run_interpreted
 
 
+@needs_runtime_loop_bounds
 def test_kernel_matches_reference_in_interpreter():
     out = run_interpreted("""
         import torch
@@ -42,6 +43,7 @@ def test_kernel_matches_reference_in_interpreter():
     assert max(splits) > 1 and min(splits) == 1  # both the single-chunk and the merged path ran
 
 
+@needs_runtime_loop_bounds
 def test_cached_sampling_through_kernel_equals_uncached():
     out = run_interpreted("""
         import torch

@@ -1,11 +1,14 @@
-"""One attention entry point with explicit backends: sdpa, flex, xformers, math, and auto.
+"""One attention entry point with explicit backends: sdpa, flex, triton, xformers, math, and auto.
 
 The backend is chosen in config and logged. `auto` picks per mask kind from measurements on an
 H100 (bf16, forward + backward, issue 6): cuDNN SDPA was fastest for causal and full attention
 and, with a dense mask, for VAR's block-causal mask at 680 and 2,240 tokens (1.43 ms against
 1.66 ms for compiled FlexAttention at 680), while compiled FlexAttention with a cached block mask
-won for window+sink (1.94 ms against 7.58 ms at 8,192 tokens). So: FlexAttention for window+sink
-on CUDA, SDPA otherwise (MAGNeT's band mask was not measured and stays on SDPA).
+won for window+sink (1.94 ms against 7.58 ms at 8,192 tokens). The `triton` backend runs block-causal
+and causal full sequences on the prefix-mask kernels of `prefix_attention` (other cases as sdpa);
+AUTO_TRITON names the mask kinds `auto` sends there where Triton runs. So: FlexAttention for
+window+sink on CUDA, the prefix kernels for AUTO_TRITON, SDPA otherwise (MAGNeT's band mask was
+not measured and stays on SDPA).
 
 A mask is prepared once per forward pass (`prepare_mask`) and reused by every layer. One case
 takes a dedicated kernel under the sdpa and flex backends: a single causal query against a KV
@@ -24,10 +27,12 @@ import torch.nn.functional as F
 
 from .decode_attention import decode_attention, triton_available
 from .masks import AttentionMask
+from .prefix_attention import PrefixMask, prefix_attention
 
-Backend = Literal["auto", "sdpa", "flex", "xformers", "math"]
-BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "xformers", "math")
+Backend = Literal["auto", "sdpa", "flex", "triton", "xformers", "math"]
+BACKENDS: tuple[str, ...] = ("auto", "sdpa", "flex", "triton", "xformers", "math")
 FLEX_FASTEST = frozenset({"window_sink"})  # mask kinds for which `auto` picks FlexAttention on CUDA
+AUTO_TRITON = frozenset({"block_causal"})  # mask kinds for which `auto` picks the prefix kernels where Triton runs
 logger = logging.getLogger(__name__)
 
 
@@ -55,6 +60,7 @@ class PreparedMask:
     block_mask: Any = None  # FlexAttention BlockMask
     decode_length: torch.Tensor | None = None  # (1,): one causal query over cache slots [0, length)
     groups: list[QueryGroup] | None = None  # block-causal as one SDPA call per group of query rows
+    prefix: PrefixMask | None = None  # block-causal or causal for the prefix-mask kernels
 
 
 def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor, backend: str,
@@ -77,6 +83,11 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
         return PreparedMask(backend, block_mask=_flex_block_mask(mask, q_pos, kv_pos))
     if mask.kind == "bidirectional" and full_sequence:
         return PreparedMask(backend)
+    if backend == "triton" and full_sequence and (mask.kind == "causal" or mask.block_sizes is not None):
+        sizes = mask.block_sizes if mask.kind == "block_causal" else (1,) * q_pos.numel()
+        return PreparedMask(backend, prefix=_prefix_mask(sizes, str(q_pos.device)))
+    if backend == "triton":  # cached decoding and other masks: as sdpa
+        backend = "sdpa"
     if mask.kind == "causal" and full_sequence and backend == "sdpa":
         return PreparedMask(backend, is_causal=True)
     if (group_rows > 0 and mask.kind == "block_causal" and full_sequence and backend == "sdpa"
@@ -118,7 +129,11 @@ def resolve_backend(backend: str, mask_kind: str, device_type: str) -> str:
     """The backend that runs a mask of `mask_kind`: `backend` itself unless it is `auto`."""
     if backend != "auto":
         return backend
-    choice = "flex" if mask_kind in FLEX_FASTEST and device_type == "cuda" else "sdpa"
+    choice = "sdpa"
+    if mask_kind in FLEX_FASTEST and device_type == "cuda":
+        choice = "flex"
+    elif mask_kind in AUTO_TRITON and triton_available(torch.device(device_type)):
+        choice = "triton"
     if not torch.compiler.is_compiling():  # logging would break a compiled graph
         _log_choice(mask_kind, device_type, choice)
     return choice
@@ -126,8 +141,9 @@ def resolve_backend(backend: str, mask_kind: str, device_type: str) -> str:
 
 def auto_summary(device_type: str) -> str:
     """What `auto` runs on this device type, for logs."""
-    flex = sorted(FLEX_FASTEST) if device_type == "cuda" else []
-    return f"{', '.join(flex)}: flex; others: sdpa" if flex else "sdpa"
+    parts = [f"{kind}: flex" for kind in sorted(FLEX_FASTEST) if device_type == "cuda"]
+    parts += [f"{kind}: triton" for kind in sorted(AUTO_TRITON) if triton_available(torch.device(device_type))]
+    return "; ".join(parts + ["others: sdpa"]) if parts else "sdpa"
 
 
 @functools.cache
@@ -136,16 +152,18 @@ def _log_choice(mask_kind: str, device_type: str, choice: str) -> None:
 
 
 def _is_causal_decode(mask: AttentionMask, q_pos: torch.Tensor, backend: str, full_sequence: bool) -> bool:
-    """One causal query against a KV cache, on a device where the decode kernel runs (sdpa and
-    flex backends; `math` stays the plain reference)."""
-    return (not full_sequence and mask.kind == "causal" and q_pos.numel() == 1 and backend in ("sdpa", "flex")
-            and triton_available(q_pos.device))
+    """One causal query against a KV cache, on a device where the decode kernel runs (sdpa, flex
+    and triton backends; `math` stays the plain reference)."""
+    return (not full_sequence and mask.kind == "causal" and q_pos.numel() == 1
+            and backend in ("sdpa", "flex", "triton") and triton_available(q_pos.device))
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prepared: PreparedMask) -> torch.Tensor:
     """Scaled dot-product attention on (B, H, L, D) tensors with a prepared mask."""
     if prepared.decode_length is not None:
         return decode_attention(q, k, v, prepared.decode_length)
+    if prepared.prefix is not None:
+        return prefix_attention(q, k, v, prepared.prefix)
     if prepared.groups is not None:
         return torch.cat([F.scaled_dot_product_attention(q[:, :, g.start:g.end], k[:, :, :g.kv_end], v[:, :, :g.kv_end],
                                                          attn_mask=g.dense) for g in prepared.groups], dim=2)
@@ -164,6 +182,12 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: tor
     if dense is not None:
         scores = scores.masked_fill(~dense, float("-inf"))
     return scores.softmax(dim=-1) @ v
+
+
+@functools.lru_cache(maxsize=16)
+def _prefix_mask(block_sizes: tuple[int, ...], device: str) -> PrefixMask:
+    """Built (and checked, on the host) once per block layout and device."""
+    return PrefixMask.block_causal(block_sizes, device)
 
 
 # ----- FlexAttention ---------------------------------------------------------------------------

@@ -102,7 +102,7 @@ def triton_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tenso
     out = torch.empty(b, length, h, d, dtype=x.dtype, device=x.device)
     rows = b * length * h
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
-    _forward_kernel[grid](x, weight, cos.contiguous(), sin.contiguous(), out, rows, length, h,
+    _rms_norm_rope_forward[grid](x, weight, cos.contiguous(), sin.contiguous(), out, rows, length, h,
                           x.stride(0), x.stride(1), x.stride(2), eps, HALF=d // 2, ROWS=ROWS_PER_PROGRAM)
     return out.transpose(1, 2)
 
@@ -118,7 +118,7 @@ def triton_rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: t
     rows = b * length * h
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
     partial = torch.empty(programs, d, dtype=torch.float32, device=x.device)
-    _backward_kernel[(programs,)](grad, x, weight, cos.contiguous(), sin.contiguous(), grad_x, partial, rows,
+    _rms_norm_rope_backward[(programs,)](grad, x, weight, cos.contiguous(), sin.contiguous(), grad_x, partial, rows,
                                   length, h, grad.stride(0), grad.stride(1), grad.stride(2),
                                   x.stride(0), x.stride(1), x.stride(2), eps, HALF=d // 2, ROWS=ROWS_PER_PROGRAM)
     return grad_x.transpose(1, 2), partial.sum(0).to(weight.dtype)
@@ -136,7 +136,7 @@ if triton is not None:
         return batch * stride_b + head * stride_h + pos * stride_l, pos, r, valid
 
     @triton.jit
-    def _forward_kernel(X, W, Cos, Sin, Out, rows, length, n_heads, stride_b, stride_h, stride_l, eps,
+    def _rms_norm_rope_forward(X, W, Cos, Sin, Out, rows, length, n_heads, stride_b, stride_h, stride_l, eps,
                         HALF: tl.constexpr, ROWS: tl.constexpr):
         offsets, pos, r, valid = _row_offsets(tl.program_id(0) * ROWS, rows, length, n_heads,
                                               stride_b, stride_h, stride_l, ROWS)
@@ -154,7 +154,7 @@ if triton is not None:
         tl.store(out + HALF, (n2 * c + n1 * s).to(Out.dtype.element_ty), mask=m)
 
     @triton.jit
-    def _backward_kernel(G, X, W, Cos, Sin, GradX, Partial, rows, length, n_heads,
+    def _rms_norm_rope_backward(G, X, W, Cos, Sin, GradX, Partial, rows, length, n_heads,
                          stride_gb, stride_gh, stride_gl, stride_b, stride_h, stride_l, eps,
                          HALF: tl.constexpr, ROWS: tl.constexpr):
         pid = tl.program_id(0)
