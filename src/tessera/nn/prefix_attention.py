@@ -48,7 +48,7 @@ class TileConfig:
 
 # Chosen on an H100 (bf16, head size 64, VAR-d16's 680 tokens) with bench/attention_block_causal.py --sweep.
 FORWARD_TILES = TileConfig(64, 64, 4, 3)
-BACKWARD_KV_TILES = TileConfig(32, 64, 4, 3)
+BACKWARD_KV_TILES = TileConfig(32, 128, 4, 3)
 BACKWARD_Q_TILES = TileConfig(64, 32, 4, 3)
 
 
