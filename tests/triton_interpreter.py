@@ -22,8 +22,20 @@ needs_runtime_loop_bounds = pytest.mark.skipif(
 
 def run_interpreted(code: str) -> str:
     """Run `code` in a fresh interpreter with TRITON_INTERPRET=1; its stdout (a failure shows stderr)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    tests = os.path.dirname(os.path.abspath(__file__))  # so `code` can import this module's helpers
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join(filter(None, [tests, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
+
+
+def assert_trunks_agree(plain, trunk, x, positions, mask, cond) -> None:
+    """Two trunks with the same weights: the same outputs and every parameter's gradient."""
+    import torch
+    outs = [t(x, positions, mask, cond=cond) for t in (plain, trunk)]
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-5, rtol=1e-5)
+    grads = [torch.autograd.grad((o * o).sum(), list(t.parameters())) for o, t in zip(outs, (plain, trunk))]
+    for (name, _), want, got in zip(plain.named_parameters(), *grads):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=name)

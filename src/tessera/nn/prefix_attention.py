@@ -177,10 +177,10 @@ def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     out = _rows_major(q)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(lq, tiles.block_m), b * h)
-    _prefix_attention_forward[grid](q, k, v, out, lse, kv_end, h, lq, k.shape[2], *_strides(q), *_strides(k), *_strides(v),
-                          *_strides(out), math.log2(math.e) / math.sqrt(d), HEAD_DIM=d,
-                          BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
-                          num_warps=tiles.num_warps, num_stages=tiles.num_stages)
+    _prefix_attention_forward[grid](q, k, v, out, lse, kv_end, h, lq, k.shape[2], *_strides(q), *_strides(k),
+                                    *_strides(v), *_strides(out), math.log2(math.e) / math.sqrt(d), HEAD_DIM=d,
+                                    BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n,
+                                    num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     return out, lse
 
 
@@ -212,10 +212,29 @@ def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: tor
 
 if triton is not None:
     @triton.jit
+    def _head_base(bh, n_heads, stride_b, stride_h):
+        """Element offset of head `bh` (batch * n_heads + head) in a strided (B, H, L, D) tensor."""
+        return (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
+
+    @triton.jit
     def _tile_offsets(bh, n_heads, rows, cols, stride_b, stride_h, stride_l):
-        """Element offsets of rows x cols of head `bh` (batch * n_heads + head) in a strided (B, H, L, D) tensor."""
-        base = (bh // n_heads).to(tl.int64) * stride_b + (bh % n_heads).to(tl.int64) * stride_h
-        return base + rows[:, None] * stride_l + cols[None, :]
+        """Element offsets of rows x cols of head `bh` in a strided (B, H, L, D) tensor."""
+        return _head_base(bh, n_heads, stride_b, stride_h) + rows[:, None] * stride_l + cols[None, :]
+
+    @triton.jit
+    def _load_tile(X, bh, n_heads, rows, cols, stride_b, stride_h, stride_l, n_rows):
+        """Rows x cols of head `bh` from a strided (B, H, L, D) tensor, zeros past row n_rows."""
+        return tl.load(X + _tile_offsets(bh, n_heads, rows, cols, stride_b, stride_h, stride_l),
+                       mask=(rows < n_rows)[:, None], other=0.0)
+
+    @triton.jit
+    def _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """For the query tile at start_m: each row's kv_end (lk past the last row: such rows compute,
+        unstored), the end of the key tiles every row sees, and the end of the keys any row sees."""
+        ends = tl.load(KvEnd + rows, mask=rows < lq, other=lk)
+        unmasked_stop = (tl.load(KvEnd + start_m) // BLOCK_N) * BLOCK_N
+        last_end = tl.load(KvEnd + tl.minimum(start_m + BLOCK_M, lq) - 1)
+        return ends, unmasked_stop, last_end
 
     @triton.jit
     def _forward_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, kv_start, kv_stop, ends, offs_n, cols, stride_kl,
@@ -238,23 +257,19 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_forward(Q, K, V, Out, Lse, KvEnd, n_heads, lq, lk, stride_qb, stride_qh, stride_ql,
-                        stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
-                        stride_ob, stride_oh, stride_ol, qk_scale,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                  stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+                                  stride_ob, stride_oh, stride_ol, qk_scale,
+                                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(1)
         start_m = tl.program_id(0) * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         cols = tl.arange(0, HEAD_DIM)
         row_ok = rows < lq
-        q = tl.load(Q + _tile_offsets(bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql),
-                    mask=row_ok[:, None], other=0.0)
-        ends = tl.load(KvEnd + rows, mask=row_ok, other=lk)  # rows past the end compute, unstored
-        first_end = tl.load(KvEnd + start_m)
-        last_end = tl.load(KvEnd + tl.minimum(start_m + BLOCK_M, lq) - 1)
-        unmasked_stop = (first_end // BLOCK_N) * BLOCK_N  # key tiles every row of this tile sees
-        k_base = (bh // n_heads).to(tl.int64) * stride_kb + (bh % n_heads).to(tl.int64) * stride_kh
-        v_base = (bh // n_heads).to(tl.int64) * stride_vb + (bh % n_heads).to(tl.int64) * stride_vh
+        q = _load_tile(Q, bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql, lq)
+        ends, unmasked_stop, last_end = _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M, BLOCK_N)
+        k_base = _head_base(bh, n_heads, stride_kb, stride_kh)
+        v_base = _head_base(bh, n_heads, stride_vb, stride_vh)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -291,27 +306,25 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_backward_kv(Q, K, V, G, Lse, Delta, KvEnd, FirstRows, GradK, GradV, n_heads, lq, lk,
-                            stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-                            stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
-                            stride_ob, stride_oh, stride_ol, sm_scale,
-                            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            GRANULE: tl.constexpr):
+                                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                                      stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
+                                      stride_ob, stride_oh, stride_ol, sm_scale,
+                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                                      GRANULE: tl.constexpr):
         bh = tl.program_id(1)
         start_n = tl.program_id(0) * BLOCK_N
         keys = start_n + tl.arange(0, BLOCK_N)
         offs_m = tl.arange(0, BLOCK_M)
         cols = tl.arange(0, HEAD_DIM)
         key_ok = keys < lk
-        k = tl.load(K + _tile_offsets(bh, n_heads, keys, cols, stride_kb, stride_kh, stride_kl),
-                    mask=key_ok[:, None], other=0.0)
-        v = tl.load(V + _tile_offsets(bh, n_heads, keys, cols, stride_vb, stride_vh, stride_vl),
-                    mask=key_ok[:, None], other=0.0)
+        k = _load_tile(K, bh, n_heads, keys, cols, stride_kb, stride_kh, stride_kl, lk)
+        v = _load_tile(V, bh, n_heads, keys, cols, stride_vb, stride_vh, stride_vl, lk)
         # Rows with kv_end > start_n see some of these keys; rows with kv_end >= start_n + BLOCK_N see all.
         first_seen = (tl.load(FirstRows + start_n // GRANULE) // BLOCK_M) * BLOCK_M
         all_seen = tl.load(FirstRows + tl.minimum(start_n + BLOCK_N, (lk // GRANULE + 1) * GRANULE) // GRANULE)
         all_seen = tl.minimum(first_seen + tl.cdiv(all_seen - first_seen, BLOCK_M) * BLOCK_M, lq)
-        q_base = (bh // n_heads).to(tl.int64) * stride_qb + (bh % n_heads).to(tl.int64) * stride_qh
-        g_base = (bh // n_heads).to(tl.int64) * stride_gb + (bh % n_heads).to(tl.int64) * stride_gh
+        q_base = _head_base(bh, n_heads, stride_qb, stride_qh)
+        g_base = _head_base(bh, n_heads, stride_gb, stride_gh)
         row_base = bh.to(tl.int64) * lq
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
@@ -342,32 +355,26 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attention_backward_q(Q, K, V, G, Out, Lse, Delta, KvEnd, GradQ, n_heads, lq, lk,
-                           stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
-                           stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
-                           stride_ob, stride_oh, stride_ol, stride_dqb, stride_dqh, stride_dql, sm_scale,
-                           HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                                     stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+                                     stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
+                                     stride_ob, stride_oh, stride_ol, stride_dqb, stride_dqh, stride_dql, sm_scale,
+                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh = tl.program_id(1)
         start_m = tl.program_id(0) * BLOCK_M
         rows = start_m + tl.arange(0, BLOCK_M)
         offs_n = tl.arange(0, BLOCK_N)
         cols = tl.arange(0, HEAD_DIM)
         row_ok = rows < lq
-        q = tl.load(Q + _tile_offsets(bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql),
-                    mask=row_ok[:, None], other=0.0)
-        g = tl.load(G + _tile_offsets(bh, n_heads, rows, cols, stride_gb, stride_gh, stride_gl),
-                    mask=row_ok[:, None], other=0.0)
-        o = tl.load(Out + _tile_offsets(bh, n_heads, rows, cols, stride_ob, stride_oh, stride_ol),
-                    mask=row_ok[:, None], other=0.0)
+        q = _load_tile(Q, bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql, lq)
+        g = _load_tile(G, bh, n_heads, rows, cols, stride_gb, stride_gh, stride_gl, lq)
+        o = _load_tile(Out, bh, n_heads, rows, cols, stride_ob, stride_oh, stride_ol, lq)
         delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
         row_base = bh.to(tl.int64) * lq
         tl.store(Delta + row_base + rows, delta, mask=row_ok)  # for the dK/dV kernel, launched next
         lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf"))
-        ends = tl.load(KvEnd + rows, mask=row_ok, other=lk)
-        first_end = tl.load(KvEnd + start_m)
-        last_end = tl.load(KvEnd + tl.minimum(start_m + BLOCK_M, lq) - 1)
-        unmasked_stop = (first_end // BLOCK_N) * BLOCK_N
-        k_base = (bh // n_heads).to(tl.int64) * stride_kb + (bh % n_heads).to(tl.int64) * stride_kh
-        v_base = (bh // n_heads).to(tl.int64) * stride_vb + (bh % n_heads).to(tl.int64) * stride_vh
+        ends, unmasked_stop, last_end = _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M, BLOCK_N)
+        k_base = _head_base(bh, n_heads, stride_kb, stride_kh)
+        v_base = _head_base(bh, n_heads, stride_vb, stride_vh)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         dq = _backward_q_tiles(dq, q, g, lse, delta, ends, K, V, k_base, v_base, 0, unmasked_stop, offs_n, cols,
                                stride_kl, stride_vl, qk_scale, False, BLOCK_N)
