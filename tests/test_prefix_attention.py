@@ -112,7 +112,8 @@ def test_without_triton_the_reference_runs():
     assert torch.equal(prefix_attention(q, k, v, mask), prefix_attention_reference(q, k, v, mask))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on a GPU; the interpreter tests above run them here")
+@pytest.mark.skipif(not torch.cuda.is_available(),
+                    reason="the compiled kernels run on a GPU; the interpreter tests above run them here")
 def test_kernels_on_a_gpu_match_sdpa_in_bf16_at_var_d16_shape():
     """VAR-d16's attention (batch 4, 16 heads of 64, 680 block-causal positions) in bf16: the
     kernels' output and gradients against SDPA with the dense mask, both against float32 math."""

@@ -1,17 +1,17 @@
 """One attention entry point with explicit backends: sdpa, flex, triton, xformers, math, and auto.
 
 The backend is chosen in config and logged. `auto` picks per mask kind from measurements on an
-H100 (bf16, forward + backward, issue 6): cuDNN SDPA was fastest for causal and full attention
-and, with a dense mask, for VAR's block-causal mask at 680 and 2,240 tokens (1.43 ms against
-1.66 ms for compiled FlexAttention at 680), while compiled FlexAttention with a cached block mask
-won for window+sink (1.94 ms against 7.58 ms at 8,192 tokens). The `triton` backend runs block-causal
-and causal full sequences on the prefix-mask kernels of `prefix_attention` (other cases as sdpa);
-AUTO_TRITON names the mask kinds `auto` sends there where Triton runs. So: FlexAttention for
-window+sink on CUDA, the prefix kernels for AUTO_TRITON, SDPA otherwise (MAGNeT's band mask was
-not measured and stays on SDPA).
+H100 (bf16, forward + backward, issue 6): cuDNN SDPA was fastest for causal and full attention;
+compiled FlexAttention with a cached block mask won for window+sink (1.94 ms against 7.58 ms for
+SDPA at 8,192 tokens); for VAR's block-causal mask the `triton` backend's prefix-mask kernels
+(`prefix_attention`) took 0.77 ms at 680 tokens against 1.6-1.8 ms for cuDNN with a dense mask
+(the fastest of PyTorch's kernels there, ahead of FlexAttention). So: FlexAttention for window+sink
+on CUDA, the prefix kernels for the AUTO_TRITON kinds where Triton runs, SDPA otherwise (MAGNeT's
+band mask was not measured and stays on SDPA). The `triton` backend runs block-causal and causal
+full sequences on the prefix kernels and every other case (KV-cached decoding included) as sdpa.
 
 A mask is prepared once per forward pass (`prepare_mask`) and reused by every layer. One case
-takes a dedicated kernel under the sdpa and flex backends: a single causal query against a KV
+takes a dedicated kernel under the sdpa, flex and triton backends: a single causal query against a KV
 cache (incremental decoding) on a device where Triton runs goes to `decode_attention`, which
 reads only the cache slots written so far.
 """

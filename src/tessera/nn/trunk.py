@@ -36,7 +36,8 @@ class TrunkConfig(Config):
     rope_axes: int = 2
     rope_base: float = 10000.0
     dropout: float = 0.0
-    attention: Literal["auto", "sdpa", "flex", "triton", "xformers", "math"] = "auto"  # auto: per mask, see nn/attention.py
+    # auto: per mask kind, measured (nn/attention.py); triton: nn/prefix_attention.py's kernels
+    attention: Literal["auto", "sdpa", "flex", "triton", "xformers", "math"] = "auto"
     # Block-causal masks under sdpa: > 0 runs each block of at least this many query rows as its
     # own unmasked SDPA call over the keys up to its end (smaller blocks merge). On VAR-d16 (H100,
     # batch 32) 64 saves 4 ms of kernel time per step but adds ~10 SDPA launches per layer: it pays
