@@ -7,7 +7,8 @@ import torch
 
 from tessera.nn.attention import prepare_mask
 from tessera.nn.masks import AttentionMask
-from tessera.nn.prefix_attention import PrefixMask, prefix_attention, prefix_attention_reference
+from tessera.nn.prefix_attention import (PrefixMask, prefix_attention, prefix_attention_reference,
+                                         prefix_attention_supported)
 from triton_interpreter import needs_runtime_loop_bounds, run_interpreted
 
 
@@ -130,6 +131,7 @@ def test_kernels_on_a_gpu_match_sdpa_in_bf16_at_var_d16_shape():
         out = fn(*leaves, mask)
         results.append([out.float(), *(g.float() for g in torch.autograd.grad(out, leaves, grad.to(dtype)))])
     kernel, sdpa, exact = results
+    assert prefix_attention_supported(qkv[0].bfloat16()) and not prefix_attention_supported(qkv[0])  # fp32: TF32
     for name, got, base, want in zip(("out", "dq", "dk", "dv"), kernel, sdpa, exact):
         error, sdpa_error = (got - want).norm() / want.norm(), (base - want).norm() / want.norm()
         assert error <= 2 * sdpa_error + 1e-3, (name, float(error), float(sdpa_error))
