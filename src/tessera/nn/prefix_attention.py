@@ -231,13 +231,21 @@ if triton is not None:
                        mask=(rows < n_rows)[:, None], other=0.0)
 
     @triton.jit
-    def _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        """For the query tile at start_m: each row's kv_end (lk past the last row: such rows compute,
-        unstored), the end of the key tiles every row sees, and the end of the keys any row sees."""
+    def _query_tile(Q, KvEnd, n_heads, lq, lk, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb,
+                    stride_vh, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """This program's query tile: its head, rows, columns and q; each row's kv_end (lk past the last
+        row: such rows compute, unstored); the end of the key tiles every row sees and of the keys any
+        row sees; the K and V offsets of the head."""
+        bh = tl.program_id(1)
+        start_m = tl.program_id(0) * BLOCK_M
+        rows = start_m + tl.arange(0, BLOCK_M)
+        cols = tl.arange(0, HEAD_DIM)
+        q = _load_tile(Q, bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql, lq)
         ends = tl.load(KvEnd + rows, mask=rows < lq, other=lk)
         unmasked_stop = (tl.load(KvEnd + start_m) // BLOCK_N) * BLOCK_N
         last_end = tl.load(KvEnd + tl.minimum(start_m + BLOCK_M, lq) - 1)
-        return ends, unmasked_stop, last_end
+        return (bh, rows, cols, q, ends, unmasked_stop, last_end, _head_base(bh, n_heads, stride_kb, stride_kh),
+                _head_base(bh, n_heads, stride_vb, stride_vh))
 
     @triton.jit
     def _forward_tiles(acc, m_i, l_i, q, K, V, k_base, v_base, kv_start, kv_stop, ends, offs_n, cols, stride_kl,
@@ -263,16 +271,11 @@ if triton is not None:
                                   stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
                                   stride_ob, stride_oh, stride_ol, qk_scale,
                                   HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(1)
-        start_m = tl.program_id(0) * BLOCK_M
-        rows = start_m + tl.arange(0, BLOCK_M)
+        bh, rows, cols, q, ends, unmasked_stop, last_end, k_base, v_base = _query_tile(
+            Q, KvEnd, n_heads, lq, lk, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh,
+            HEAD_DIM, BLOCK_M, BLOCK_N)
         offs_n = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, HEAD_DIM)
         row_ok = rows < lq
-        q = _load_tile(Q, bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql, lq)
-        ends, unmasked_stop, last_end = _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M, BLOCK_N)
-        k_base = _head_base(bh, n_heads, stride_kb, stride_kh)
-        v_base = _head_base(bh, n_heads, stride_vb, stride_vh)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
@@ -362,22 +365,17 @@ if triton is not None:
                                      stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
                                      stride_ob, stride_oh, stride_ol, stride_dqb, stride_dqh, stride_dql, sm_scale,
                                      HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-        bh = tl.program_id(1)
-        start_m = tl.program_id(0) * BLOCK_M
-        rows = start_m + tl.arange(0, BLOCK_M)
+        bh, rows, cols, q, ends, unmasked_stop, last_end, k_base, v_base = _query_tile(
+            Q, KvEnd, n_heads, lq, lk, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh,
+            HEAD_DIM, BLOCK_M, BLOCK_N)
         offs_n = tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, HEAD_DIM)
         row_ok = rows < lq
-        q = _load_tile(Q, bh, n_heads, rows, cols, stride_qb, stride_qh, stride_ql, lq)
         g = _load_tile(G, bh, n_heads, rows, cols, stride_gb, stride_gh, stride_gl, lq)
         o = _load_tile(Out, bh, n_heads, rows, cols, stride_ob, stride_oh, stride_ol, lq)
         delta = tl.sum(o.to(tl.float32) * g.to(tl.float32), 1)
         row_base = bh.to(tl.int64) * lq
         tl.store(Delta + row_base + rows, delta, mask=row_ok)  # for the dK/dV kernel, launched next
         lse = tl.load(Lse + row_base + rows, mask=row_ok, other=float("inf"))
-        ends, unmasked_stop, last_end = _key_ranges(KvEnd, start_m, rows, lq, lk, BLOCK_M, BLOCK_N)
-        k_base = _head_base(bh, n_heads, stride_kb, stride_kh)
-        v_base = _head_base(bh, n_heads, stride_vb, stride_vh)
         dq = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
         dq = _backward_q_tiles(dq, q, g, lse, delta, ends, K, V, k_base, v_base, 0, unmasked_stop, offs_n, cols,
                                stride_kl, stride_vl, qk_scale, False, BLOCK_N)
