@@ -45,7 +45,8 @@ from tessera.nn.masks import AttentionMask  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln", "no-attention", "matmuls")
+VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln",
+            "no-attention", "matmuls")
 
 
 @contextlib.contextmanager
