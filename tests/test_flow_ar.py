@@ -1,6 +1,7 @@
 """FlowAR: scale layout over a KL latent, cached == uncached flow sampling, training, bad pairings."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fitting import fit
 from tessera.checkpoint import CheckpointError
@@ -33,6 +34,15 @@ def images(n=2):
 def test_scales_double_up_to_the_latent_side(kl_dir):
     model = tiny(kl_dir, scales=[])
     assert model.scales == [1, 2, 4, 8, 16] and model.seq_len == 341
+
+
+def test_scale_inputs_are_the_bicubic_upsampling_of_the_previous_scale(kl_dir):
+    """The next scale's input (matrix-product bicubic) equals F.interpolate's bicubic of the map before it."""
+    model = tiny(kl_dir)
+    for k in range(1, len(model.scales)):
+        state = torch.randn(2, model.latent_channels, model.scales[k - 1], model.scales[k - 1])
+        want = F.interpolate(state, size=(model.scales[k],) * 2, mode="bicubic")
+        torch.testing.assert_close(model.next_input_map(state, k), want, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cfg,schedule", [(1.0, "constant"), (2.5, "linear")])

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.nn.resample import bicubic_matrix, bicubic_resample
+from tessera.nn.resample import bicubic_matrix, bicubic_resample, bicubic_resize
 from tessera.registry import build_model
 
 
@@ -30,3 +30,10 @@ def test_multiscale_upsampling_equals_the_interpolate_path():
     expected = vq.phi(k)(F.interpolate(h, size=(vq.side, vq.side), mode="bicubic"))
     assert torch.allclose(vq.upsampled(codes, k), expected, atol=1e-5)
     assert not any(name.startswith("bicubic_") for name in vq.state_dict())  # not saved in checkpoints
+
+
+def test_bicubic_resize_is_interpolate_and_refuses_non_square_maps():
+    x = torch.randn(2, 3, 4, 4)
+    assert torch.allclose(bicubic_resize(x, 9), F.interpolate(x, size=(9, 9), mode="bicubic"), atol=1e-5)
+    with pytest.raises(ValueError, match="square"):
+        bicubic_resize(torch.randn(1, 1, 4, 5), 9)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import ConfigError, check_range
+from ..nn.resample import bicubic_resize
 from .base import load_frozen_tokenizer
 from .heads import FlowHead, flow_matching_loss
 from .scales import ScaleSequenceConfig, ScaleSequenceGenerator
@@ -67,7 +68,7 @@ class FlowARGenerator(ScaleSequenceGenerator):
     # ----- sampling protocol -------------------------------------------------------------------------
     def next_input_map(self, state: torch.Tensor, k: int) -> torch.Tensor:
         pn = self.scales[k]
-        return F.interpolate(state, size=(pn, pn), mode="bicubic")
+        return bicubic_resize(state, pn)
 
     def outputs_upto(self, x: torch.Tensor, cond_vec: torch.Tensor) -> torch.Tensor:
         return self.hidden_upto(x, cond_vec)
@@ -81,7 +82,7 @@ class FlowARGenerator(ScaleSequenceGenerator):
         return units.transpose(1, 2).reshape(units.shape[0], self.latent_channels, pn, pn)
 
     def preview(self, state: torch.Tensor) -> torch.Tensor:
-        return self.tokenizer.decode(F.interpolate(state, size=(self.side, self.side), mode="bicubic"))
+        return self.tokenizer.decode(bicubic_resize(state, self.side))
 
     # ----- training ----------------------------------------------------------------------------------
     def scale_targets(self, latent: torch.Tensor) -> list[torch.Tensor]:

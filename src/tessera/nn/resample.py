@@ -4,9 +4,12 @@
 combination of 4 input rows with clamped borders. Its CUDA kernel runs one thread per output
 pixel and loops over batch x channels, so on VAR's 32-channel maps it took 3% of a d16 training
 step's GPU time. The same map as `M @ x @ M.T`, with M read off `F.interpolate` itself, is the same
-arithmetic up to float rounding (parity test) on tensor cores.
+arithmetic up to float rounding (parity test) on tensor cores. The multi-scale VQ keeps its
+matrices as buffers; `bicubic_resize` (FlowAR's scale inputs and previews) builds them on first use.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -25,3 +28,16 @@ def bicubic_resample(x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         m = matrix.to(x.dtype)
         return m @ x @ m.t()
+
+
+def bicubic_resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """(..., n, n) maps -> (..., size, size): `F.interpolate(x, size=(size, size), mode="bicubic")`
+    as two matrix products, the matrix built once per (n, size, device)."""
+    if x.shape[-1] != x.shape[-2]:
+        raise ValueError(f"bicubic_resize takes square maps, got {tuple(x.shape[-2:])}")
+    return bicubic_resample(x, _cached_matrix(x.shape[-1], size, x.device))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_matrix(n_in: int, n_out: int, device: torch.device) -> torch.Tensor:
+    return bicubic_matrix(n_in, n_out).to(device)
