@@ -84,8 +84,7 @@ def prepare_mask(mask: AttentionMask, q_pos: torch.Tensor, kv_pos: torch.Tensor,
     if mask.kind == "bidirectional" and full_sequence:
         return PreparedMask(backend)
     if backend == "triton" and full_sequence and (mask.kind == "causal" or mask.block_sizes is not None):
-        sizes = mask.block_sizes if mask.kind == "block_causal" else (1,) * q_pos.numel()
-        return PreparedMask(backend, prefix=_prefix_mask(sizes, str(q_pos.device)))
+        return PreparedMask(backend, prefix=_prefix_mask(mask.block_sizes, q_pos.numel(), str(q_pos.device)))
     if backend == "triton":  # cached decoding and other masks: as sdpa
         backend = "sdpa"
     if mask.kind == "causal" and full_sequence and backend == "sdpa":
@@ -185,9 +184,10 @@ def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dense: tor
 
 
 @functools.lru_cache(maxsize=16)
-def _prefix_mask(block_sizes: tuple[int, ...], device: str) -> PrefixMask:
-    """Built (and checked, on the host) once per block layout and device."""
-    return PrefixMask.block_causal(block_sizes, device)
+def _prefix_mask(block_sizes: tuple[int, ...] | None, length: int, device: str) -> PrefixMask:
+    """Block-causal over `block_sizes`, or causal over `length` (None), built (and checked, on the
+    host) once per layout and device."""
+    return PrefixMask.causal(length, device) if block_sizes is None else PrefixMask.block_causal(block_sizes, device)
 
 
 # ----- FlexAttention ---------------------------------------------------------------------------

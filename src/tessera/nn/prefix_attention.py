@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .decode_attention import triton_available
+
 try:
     import triton
     import triton.language as tl
@@ -80,6 +82,11 @@ class PrefixMask:
         kv_end = torch.repeat_interleave(torch.cumsum(sizes, 0), sizes)
         return PrefixMask.from_kv_end(kv_end, int(sizes.sum()))
 
+    @staticmethod
+    def causal(length: int, device: torch.device | str) -> "PrefixMask":
+        """Each row sees the keys up to itself."""
+        return PrefixMask.from_kv_end(torch.arange(1, length + 1, device=device), length)
+
     def dense(self, kv_len: int) -> torch.Tensor:
         """The same mask as a boolean (Lq, Lk) matrix."""
         return torch.arange(kv_len, device=self.kv_end.device)[None, :] < self.kv_end[:, None]
@@ -88,7 +95,6 @@ class PrefixMask:
 def prefix_attention_supported(q: torch.Tensor) -> bool:
     """Whether the kernels run for these (B, H, L, D) queries: Triton on their device, a head size
     they take, and on a GPU a 16-bit dtype."""
-    from .decode_attention import triton_available
     half = q.dtype in (torch.float16, torch.bfloat16) or q.device.type != "cuda"
     return triton_available(q.device) and q.shape[-1] in HEAD_DIMS and half
 
