@@ -1,6 +1,7 @@
 """The one training loop: single process by default, distributed under `accelerate launch`."""
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import math
@@ -29,6 +30,7 @@ from ..data.token_loader import check_token_shards, make_token_loader, token_sha
 from ..modeling import TesseraModel
 from ..nn.attention import auto_summary
 from ..registry import build_model
+from .ddp import bf16_all_reduce, ddp_kwargs
 from .deepspeed_state import Zero3Layout, keep_frozen_whole, load_optimizer_partition, write_optimizer_partition
 from .ema import EMA
 from .fsdp_state import FsdpLayout, load_optimizer_shards, write_optimizer_shards
@@ -112,8 +114,8 @@ def _accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     precision = None if deepspeed else _mixed_precision(t.mixed_precision)
     accelerator = Accelerator(mixed_precision=precision, fsdp_plugin=_fsdp_plugin(precision),
                               gradient_accumulation_steps=t.grad_accum,
-                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")]
-                              if world > 1 and not torch.cuda.is_available() else [],
+                              kwargs_handlers=[ddp_kwargs(t), *([InitProcessGroupKwargs(backend="gloo")]
+                                                                 if world > 1 and not torch.cuda.is_available() else [])],
                               log_with="tensorboard" if is_tensorboard_available() else None, project_dir=str(run_dir))
     if world > 1 and accelerator.distributed_type == DistributedType.NO:
         raise ConfigError(f"{world} processes were launched but accelerate chose no distributed mode, so they would "
@@ -150,6 +152,18 @@ def _fsdp_plugin(precision: str | None) -> FullyShardedDataParallelPlugin | None
 
 def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train the recipe's model; returns the final metrics (also written to `out/metrics.json`)."""
+    process_group: list[object] = []
+    metrics = _train(recipe, resume, progress, process_group)
+    # The process group must die here, after the DDP wrapper: dropped last by DDP's reducer, its gloo
+    # destructor joins the worker threads while holding the GIL, which a worker freeing a finished
+    # collective waits for, and the process never exits. Python's reference releases the GIL first.
+    gc.collect()
+    process_group.clear()
+    return metrics
+
+
+def _train(recipe: Recipe, resume: bool, progress: bool, process_group: list[object]) -> dict[str, Any]:
+    """`train`, holding the default process group in `process_group` once the launch made one."""
     if not recipe.data.shards:
         raise ConfigError("data.shards is empty: point it at a folder of shards (e.g. made by `tessera data shapes`)")
     run_dir = Path(recipe.out)
@@ -158,6 +172,8 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         raise ConfigError(f"{run_dir} already holds checkpoints; pass --resume to continue it, or set out= elsewhere")
     t = recipe.train
     accelerator = _accelerator(recipe, run_dir)
+    if torch.distributed.is_initialized():
+        process_group.append(torch.distributed.group.WORLD)
     if not is_tensorboard_available():
         accelerator.print("note: tensorboard is not installed (pip install 'tessera[train]'); logging to metrics.json only")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,6 +208,11 @@ def train(recipe: Recipe, resume: bool = False, progress: bool = True) -> dict[s
         step, start = _restore(ckpt, model, ema, optimizer, scheduler, accelerator.process_index,
                                accelerator.num_processes)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if t.ddp_bf16_gradients and isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        model.register_comm_hook(None, bf16_all_reduce)
+    elif t.ddp_bf16_gradients and accelerator.num_processes > 1:
+        warnings.warn(f"train.ddp_bf16_gradients applies to DDP launches; under {accelerator.distributed_type.value} "
+                      "gradients are reduced as its config says", RuntimeWarning, stacklevel=2)
     partitions = _optimizer_partitions(accelerator, model, optimizer)
     if ckpt is not None and partitions is not None and not partitions[1](ckpt):
         warnings.warn(f"{ckpt} holds no per-rank optimizer partitions (saved without DeepSpeed or FSDP, or by an "
