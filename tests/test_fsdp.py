@@ -1,5 +1,5 @@
 """The one trainer under FSDP2 (2 CPU processes over gloo, accelerate's FSDP switched on by
-`fsdp_on_cpu.py`): it trains like DDP, writes a full model.safetensors and EMA for inference and
+`fsdp_on_cpu.py`): it trains like DDP (and DDP with bf16 all-reduce, like DDP in float32), writes a full model.safetensors and EMA for inference and
 each rank's optimizer shards as safetensors, and a resume from a checkpoint repeats the
 uninterrupted run step for step; a resume without FSDP is refused."""
 import json
@@ -54,6 +54,11 @@ def test_fsdp_trains_like_ddp_saves_full_weights_and_resumes_step_for_step(tmp_p
     assert sorted(fsdp) == list(range(1, 9))
     assert [fsdp[s] for s in fsdp] == pytest.approx([ddp[s] for s in fsdp], rel=1e-4)
     assert fsdp[8] < fsdp[1]
+    _launch(DDP, ["-m", "tessera.cli"], recipe, tmp_path / "ddp-tuned", "train.ddp_bf16_gradients=true",
+            "train.ddp_static_graph=true", "train.ddp_bucket_mb=1")
+    tuned = _losses(tmp_path / "ddp-tuned")  # gradients all-reduced in bf16: close to, not equal to, float32
+    assert [tuned[s] for s in ddp] == pytest.approx([ddp[s] for s in ddp], rel=2e-2)
+    assert [tuned[s] for s in ddp][1:] != [ddp[s] for s in ddp][1:]
 
     ckpt = resolve_checkpoint(tmp_path / "fsdp")
     assert sorted(p.name for p in ckpt.glob("optimizer-*")) == ["optimizer-rank0-of-2.safetensors",

@@ -48,6 +48,12 @@ class TrainSection(Config):
     # torch.compile mode: "reduce-overhead" and "max-autotune" replay the blocks as CUDA graphs;
     # the "max-autotune" modes also try Triton matmul templates with fused epilogues (slow to compile)
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # DDP launches only: the gradient all-reduce bucket size (torch's default is 25 MB), a static graph
+    # (DDP's bookkeeping done once), and bf16 all-reduce (half the traffic; each rank's gradients and
+    # the optimizer stay float32)
+    ddp_bucket_mb: int = 25
+    ddp_static_graph: bool = False
+    ddp_bf16_gradients: bool = False
     max_bad_steps: int = 5  # a non-finite gradient skips the update; this many in a row stop training
     seed: int = 0
 
@@ -63,6 +69,7 @@ class TrainSection(Config):
         check_range("train.log_every", self.log_every, 1)
         check_range("train.ckpt_every", self.ckpt_every, 1)
         check_range("train.max_bad_steps", self.max_bad_steps, 1)
+        check_range("train.ddp_bucket_mb", self.ddp_bucket_mb, 1)
 
 
 @dataclass
