@@ -45,6 +45,7 @@ SHAPES = {
 }
 ROWS = {"plain": ["model.config.trunk.attention=sdpa", "model.config.trunk.fused_qk_rope=false"],
         "compiled": ["train.compile=true"],
+        "eager-fused-loss": ["model.config.loss_chunk=8192"],
         "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
         "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
         "fused-sdpa": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.trunk.attention=sdpa"],

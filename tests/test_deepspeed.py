@@ -130,6 +130,7 @@ def test_zero3_shards_everything_saves_full_weights_and_resumes_exactly(tmp_path
     config = _zero3_config(tmp_path)
     recipe = tmp_path / "recipe.yaml"
     tiny = tiny_recipe(tmp_path, train={"steps": 8, "lr": 5e-3, "warmup_steps": 2, "ckpt_every": 4})
+    tiny = tiny.with_overrides(["model.config.loss_chunk=16"])  # the fused loss reads the head's weight itself
     recipe.write_text(tiny.to_yaml())
     whole = _launch(config, recipe, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -147,6 +148,8 @@ def test_zero3_shards_everything_saves_full_weights_and_resumes_exactly(tmp_path
     for name in ("model.safetensors", "ema.safetensors"):
         a, b = load_file(final / name), load_file(tmp_path / "resumed" / "checkpoints" / "step-0000008" / name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    compiled = _launch(config, recipe, tmp_path / "compiled", "train.compile=true", processes=1)
+    assert compiled.returncode != 0 and "train.compile=true under DeepSpeed ZeRO-3" in compiled.stderr
 
 
 def test_zero3_trains_a_vq_whose_codebook_is_read_outside_its_module(tmp_path):

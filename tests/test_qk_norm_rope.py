@@ -105,3 +105,11 @@ def test_compiled_block_on_a_gpu_matches_the_plain_block_in_bf16():
     torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
     for (name, _), g, w in zip(blocks[0].named_parameters(), got_grads, want_grads):
         assert (g - w).norm() <= 0.03 * w.norm() + 1e-6, name
+
+
+def test_a_weight_of_the_wrong_size_is_refused_before_any_kernel_reads_it():
+    from tessera.nn.rope import RotaryEmbedding
+    cos, sin = RotaryEmbedding(16, 1)(torch.arange(5.0)[:, None])
+    x = torch.randn(1, 2, 5, 16)
+    with pytest.raises(ValueError, match=r"norm weight has shape \(0,\); \(16,\) expected"):
+        rms_norm_rope(x, torch.empty(0), cos, sin, 1e-6)  # a ZeRO-3 shard that was never gathered

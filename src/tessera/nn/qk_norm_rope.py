@@ -42,6 +42,8 @@ def rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin:
                   eps: float) -> torch.Tensor:
     """x (B, H, L, D) -> rotated, normalised (B, H, L, D); the fused kernels where Triton runs
     (and D / 2 is a power of two, as Triton's ranges must be)."""
+    if weight.shape != x.shape[-1:]:  # e.g. a ZeRO-3 shard not gathered: the kernel would read past it
+        raise ValueError(f"the norm weight has shape {tuple(weight.shape)}; ({x.shape[-1]},) expected")
     half = x.shape[-1] // 2
     if not triton_available(x.device) or half & (half - 1):
         return rms_norm_rope_reference(x, weight, cos, sin, eps)

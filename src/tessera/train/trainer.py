@@ -189,10 +189,10 @@ def _train(recipe: Recipe, resume: bool, progress: bool, process_group: list[obj
         if getattr(model, "tokenizer", None) is None:
             raise ConfigError(f"{recipe.data.shards} holds pre-tokenized shards; {recipe.model.kind} trains on raw data")
         check_token_shards(recipe.data.shards, model.tokenizer)
-    _configure_trunk(model, recipe)
     deepspeed = accelerator.distributed_type == DistributedType.DEEPSPEED
     fsdp = accelerator.distributed_type == DistributedType.FSDP
     zero3 = deepspeed and accelerator.state.deepspeed_plugin.zero_stage == 3
+    _configure_trunk(model, recipe, zero3)
     if zero3:
         keep_frozen_whole(model, accelerator.device)
     optimizer = _optimizer(model, recipe)
@@ -237,11 +237,16 @@ def _train(recipe: Recipe, resume: bool, progress: bool, process_group: list[obj
     return metrics
 
 
-def _configure_trunk(model: TesseraModel, recipe: Recipe) -> None:
-    """Activation checkpointing and torch.compile of the generator's trunk, when the recipe asks."""
+def _configure_trunk(model: TesseraModel, recipe: Recipe, zero3: bool) -> None:
+    """Activation checkpointing and torch.compile of the generator's trunk, when the recipe asks
+    (not torch.compile under ZeRO-3)."""
     t, trunk = recipe.train, getattr(model, "trunk", None)
     if not (t.activation_checkpointing or t.compile):
         return
+    if t.compile and zero3:
+        raise ConfigError("train.compile=true under DeepSpeed ZeRO-3: the compiled blocks would read ZeRO-3's "
+                          "parameter shards before they are gathered (an illegal memory access on a GPU); set "
+                          "train.compile=false, or launch ZeRO-2 or FSDP2, which compile")
     if trunk is None:
         raise ConfigError(f"train.activation_checkpointing and train.compile apply to a generator's trunk; "
                           f"{recipe.model.kind} has none")
