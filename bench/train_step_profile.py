@@ -8,7 +8,8 @@ everything else: norms, AdaLN, RoPE, elementwise, optimizer, EMA) and the top ke
 Wall time minus kernel time is the time the GPU waits for the host; on a GPU the idle gaps are
 listed by the CPU ops that launched the work after them (where the host fell behind). The profiler
 slows the host, so under it the idle time is larger than the unprofiled wall-minus-kernel time:
-read the list as a ranking, not as the gap itself.
+read the list as a ranking, not as the gap itself. `--sync-debug` also runs one step under CUDA's
+sync debug mode and lists the places where the host waits for the GPU.
 
 GPU:  source .whl/setup.sh; python3 bench/train_step_profile.py --json $OUT/profile.json
 CPU smoke:  .venv/bin/python bench/train_step_profile.py --shape tiny --steps 2 --warmup 1
@@ -20,6 +21,9 @@ import json
 import sys
 import tempfile
 import time
+import traceback
+import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Any, Callable
 
@@ -102,6 +106,26 @@ def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int 
                       for name, (t, n) in by_op]}
 
 
+def sync_sites(step: Callable[[], None]) -> list[dict[str, Any]]:
+    """Where one step makes the host wait for the GPU: run it under CUDA's sync debug mode and
+    count each synchronizing call by the innermost frames of this repository on its stack."""
+    sites: Counter[str] = Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        ours = [f for f in traceback.extract_stack()[:-1] if str(_BENCH.parent) in f.filename]
+        sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return [{"site": site, "syncs": n} for site, n in sites.most_common()]
+
+
 def group(name: str) -> str:
     lowered = name.lower()
     return next((g for g, keys in GROUPS.items() if any(k in lowered for k in keys)), "other")
@@ -118,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--group-rows", type=int, default=0, help="trunk.attention_group_rows under --attention sdpa (0: one call, dense mask)")
     p.add_argument("--attention", default="auto", help="trunk.attention (auto: the prefix kernels for this mask)")
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
+    p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     shape = SHAPES[args.shape]
@@ -149,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for _ in range(args.warmup):
         step()
     wall_ms = timed_steps(step, args.steps, device)
+    syncs = sync_sites(step) if args.sync_debug and device.type == "cuda" else None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities) as prof:
@@ -172,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
-              "share": groups, "gpu_idle": gaps,
+              "share": groups, "gpu_idle": gaps, "sync_sites": syncs,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
                       for t, name, n in timed[:args.top]]}
     print(f"per step: {wall_ms:.1f} ms wall, {per_step_ms:.1f} ms of kernels; "
@@ -182,6 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(f"GPU idle {gaps['idle_ms_per_step']:.1f} ms per step, by the op that launched the work after it:")
     for row in gaps["by_op"]:
         print(f"{row['idle_ms_per_step']:6.2f} ms  x{row['gaps_per_step']:<5.1f} {row['op'][:125]}")
+    for row in syncs or []:
+        print(f"host waits for the GPU x{row['syncs']}: {row['site']}")
     write_json(args.json, result)
     return result
 
