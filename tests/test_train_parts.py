@@ -5,6 +5,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tessera.registry import build_model
 from tessera.train.ema import EMA
@@ -28,6 +29,29 @@ def test_ema_averages_and_codebook_follows_live_weights():
     torch.testing.assert_close(ema.state_dict()[key], decay * before[key] + (1 - decay) * live[key])
     codebook = next(k for k in live if k.startswith("quantizer.") and live[k].dtype.is_floating_point)
     torch.testing.assert_close(ema.state_dict()[codebook], live[codebook].float())
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts tensor values read back to the host (`.item()`, `float(t)`, a tensor passed as a Python number):
+    on a GPU each waits for every queued kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+
+def test_ema_update_reads_nothing_back_to_the_host():
+    model = build_model("vq", "tiny")
+    ema = EMA(model, decay=0.9)
+    with _HostReads() as spy:
+        ema.update(model, finite=torch.tensor(True))
+        ema.update(model, finite=torch.tensor(False))
+    assert spy.reads == 0
+    assert ema.updates == 1
 
 
 def test_warmup_then_cosine_to_floor():
