@@ -1,7 +1,8 @@
 """The one trainer under FSDP2 (2 CPU processes over gloo, accelerate's FSDP switched on by
-`fsdp_on_cpu.py`): it trains like DDP (and DDP with bf16 all-reduce, like DDP in float32), writes a full model.safetensors and EMA for inference and
-each rank's optimizer shards as safetensors, and a resume from a checkpoint repeats the
-uninterrupted run step for step; a resume without FSDP is refused."""
+`fsdp_on_cpu.py`): it trains like DDP (and DDP with bf16 all-reduce close to DDP in float32),
+writes a full model.safetensors and EMA for inference and each rank's optimizer shards as
+safetensors, and a resume from a checkpoint repeats the uninterrupted run step for step; a
+resume without FSDP is refused."""
 import json
 import os
 import shutil
