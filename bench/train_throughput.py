@@ -43,41 +43,34 @@ SHAPES = {
     "tiny": {"trunk": {"dim": 64, "n_layers": 2, "n_heads": 4}, "image_size": 32, "msvq": "tiny",
              "scales": [1, 2, 4, 8], "tokenizer": {}, "batch": 4, "images": 64},
 }
-ROWS = {"plain": ["model.config.trunk.attention=sdpa", "model.config.trunk.fused_qk_rope=false"],
+FUSED = ["train.compile=true", "model.config.loss_chunk=8192"]  # compiled blocks + fused linear cross-entropy
+GRAPHS = "train.compile_mode=reduce-overhead"
+B64 = "train.batch_size=64"
+PLAIN_QK_ROPE = "model.config.trunk.fused_qk_rope=false"
+QUERY_GROUPS = ["model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"]
+ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "compiled": ["train.compile=true"],
         "eager-fused-loss": ["model.config.loss_chunk=8192"],
         "compiled-ckpt": ["train.compile=true", "train.activation_checkpointing=true"],
-        "fused": ["train.compile=true", "model.config.loss_chunk=8192"],  # + fused linear cross-entropy
-        "fused-sdpa": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.trunk.attention=sdpa"],
-        "fused-plain-qk-rope": ["train.compile=true", "model.config.loss_chunk=8192",
-                                "model.config.trunk.fused_qk_rope=false"],
-        "fused-b64": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64"],
-        "fused-b64-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                             "train.compile_mode=reduce-overhead"],
-        "fused-b96": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=96"],
-        "fused-b96-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=96",
-                             "train.compile_mode=reduce-overhead"],
+        "fused": FUSED,
+        "fused-sdpa": [*FUSED, "model.config.trunk.attention=sdpa"],
+        "fused-plain-qk-rope": [*FUSED, PLAIN_QK_ROPE],
+        "fused-b64": [*FUSED, B64],
+        "fused-b64-graphs": [*FUSED, B64, GRAPHS],
+        "fused-b96": [*FUSED, "train.batch_size=96"],
+        "fused-b96-graphs": [*FUSED, "train.batch_size=96", GRAPHS],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce
-        "fused-b64-bucket100": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                                "train.ddp_bucket_mb=100"],
-        "fused-b64-static": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                             "train.ddp_bucket_mb=100", "train.ddp_static_graph=true"],
-        "fused-b64-bf16-reduce": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                                  "train.ddp_bucket_mb=100", "train.ddp_bf16_gradients=true"],
-        "fused-b64-plain-qk-rope": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                                    "model.config.trunk.fused_qk_rope=false"],
-        "fused-graphs-plain-qk-rope": ["train.compile=true", "model.config.loss_chunk=8192",
-                                       "train.compile_mode=reduce-overhead", "model.config.trunk.fused_qk_rope=false"],
-        "fused-b64-groups": ["train.compile=true", "model.config.loss_chunk=8192", "train.batch_size=64",
-                             "model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"],
-        "fused-graphs-groups": ["train.compile=true", "model.config.loss_chunk=8192",
-                                "train.compile_mode=reduce-overhead", "model.config.trunk.attention=sdpa",
-                                "model.config.trunk.attention_group_rows=64"],
-        "fused-liger": ["train.compile=true", "model.config.loss_chunk=8192", "model.config.loss_kernel=liger"],
-        "fused-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.compile_mode=reduce-overhead"],
-        "fused-autotune": ["train.compile=true", "model.config.loss_chunk=8192",
-                           "train.compile_mode=max-autotune-no-cudagraphs"],
-        "fused-autotune-graphs": ["train.compile=true", "model.config.loss_chunk=8192", "train.compile_mode=max-autotune"]}
+        "fused-b64-bucket100": [*FUSED, B64, "train.ddp_bucket_mb=100"],
+        "fused-b64-static": [*FUSED, B64, "train.ddp_bucket_mb=100", "train.ddp_static_graph=true"],
+        "fused-b64-bf16-reduce": [*FUSED, B64, "train.ddp_bucket_mb=100", "train.ddp_bf16_gradients=true"],
+        "fused-b64-plain-qk-rope": [*FUSED, B64, PLAIN_QK_ROPE],
+        "fused-graphs-plain-qk-rope": [*FUSED, GRAPHS, PLAIN_QK_ROPE],
+        "fused-b64-groups": [*FUSED, B64, *QUERY_GROUPS],
+        "fused-graphs-groups": [*FUSED, GRAPHS, *QUERY_GROUPS],
+        "fused-liger": [*FUSED, "model.config.loss_kernel=liger"],
+        "fused-graphs": [*FUSED, GRAPHS],
+        "fused-autotune": [*FUSED, "train.compile_mode=max-autotune-no-cudagraphs"],
+        "fused-autotune-graphs": [*FUSED, "train.compile_mode=max-autotune"]}
 LAUNCH = {"single": None, "ddp": "multi_gpu_ddp.yaml", "fsdp": "fsdp.yaml", "zero2": "zero2.yaml",
           "zero3": "zero3.yaml"}
 
