@@ -142,6 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--group-rows", type=int, default=0, help="trunk.attention_group_rows under --attention sdpa (0: one call, dense mask)")
     p.add_argument("--attention", default="auto", help="trunk.attention (auto: the prefix kernels for this mask)")
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
+    p.add_argument("--bf16-residual", action="store_true", help="trunk.bf16_residual: the residual stream in bf16")
     p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
                                                           "attention": args.attention,
-                                                          "attention_group_rows": args.group_rows})
+                                                          "attention_group_rows": args.group_rows,
+                                                          "bf16_residual": args.bf16_residual})
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
     b = args.batch or shape["batch"]

@@ -47,6 +47,7 @@ FUSED = ["train.compile=true", "model.config.loss_chunk=8192"]  # compiled block
 GRAPHS = "train.compile_mode=reduce-overhead"
 B64 = "train.batch_size=64"
 PLAIN_QK_ROPE = "model.config.trunk.fused_qk_rope=false"
+BF16_RESIDUAL = "model.config.trunk.bf16_residual=true"
 QUERY_GROUPS = ["model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"]
 ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "compiled": ["train.compile=true"],
@@ -59,6 +60,8 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "fused-b64-graphs": [*FUSED, B64, GRAPHS],
         "fused-b96": [*FUSED, "train.batch_size=96"],
         "fused-b96-graphs": [*FUSED, "train.batch_size=96", GRAPHS],
+        "fused-b64-bf16-residual": [*FUSED, B64, BF16_RESIDUAL],
+        "fused-b96-bf16-residual": [*FUSED, "train.batch_size=96", BF16_RESIDUAL],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce
         "fused-b64-bucket100": [*FUSED, B64, "train.ddp_bucket_mb=100"],
         "fused-b64-static": [*FUSED, B64, "train.ddp_bucket_mb=100", "train.ddp_static_graph=true"],

@@ -83,6 +83,38 @@ def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(monkeyp
         torch.testing.assert_close(recomputed, plain)
 
 
+def test_bf16_residual_stream_matches_the_float32_one_under_autocast():
+    """trunk.bf16_residual under bf16 autocast: the blocks receive bf16, and the output and gradients
+    agree with the float32 residual stream within bf16 tolerance; without autocast nothing changes."""
+    torch.manual_seed(0)
+    cfg = dict(dim=64, n_layers=3, n_heads=4, rope_axes=1, cond_dim=16)
+    plain = Trunk(TrunkConfig(**cfg))
+    for p in plain.parameters():  # non-zero AdaLN so that the gates act
+        if p.abs().sum() == 0:
+            torch.nn.init.normal_(p, std=0.05)
+    low = Trunk(TrunkConfig(**cfg, bf16_residual=True))
+    low.load_state_dict(plain.state_dict())
+    x, cond, positions = torch.randn(2, 12, 64), torch.randn(2, 16), torch.arange(12.0)[:, None]
+    seen = []
+    low.blocks[1].register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    results = []
+    for trunk in (plain, low):
+        with torch.autocast("cpu", torch.bfloat16):
+            out = trunk(x, positions, AttentionMask.block_causal([2, 4, 6]), cond=cond)
+        out.float().square().mean().backward()
+        results.append((out.float(), [p.grad for p in trunk.parameters()]))
+    assert seen == [torch.bfloat16]
+    (ref, ref_grads), (out, grads) = results
+    assert not torch.equal(out, ref)
+    torch.testing.assert_close(out, ref, rtol=0.05, atol=0.05)
+    for grad, ref_grad in zip(grads, ref_grads, strict=True):
+        assert (grad - ref_grad).norm() <= 0.05 * ref_grad.norm() + 1e-6
+    seen.clear()
+    torch.testing.assert_close(low(x, positions, AttentionMask.causal(), cond=cond),
+                               plain(x, positions, AttentionMask.causal(), cond=cond), rtol=0, atol=0)
+    assert seen == [torch.float32]
+
+
 @pytest.mark.parametrize("kind", ["maskgit", "magnet"])
 def test_masked_generators_fused_loss_matches_plain(kind, tmp_path):
     """loss_chunk on MaskGIT and MAGNeT: same loss and gradients as the head over the masked rows."""

@@ -44,6 +44,10 @@ class TrunkConfig(Config):
     # where the GPU, not the host, is the bottleneck (batch 64, train.compile_mode=reduce-overhead).
     attention_group_rows: int = 0
     fused_qk_rope: bool = True  # QK-norm + RoPE as one Triton kernel where Triton runs (nn/qk_norm_rope.py)
+    # Under bf16 autocast, carry the residual stream between blocks in bf16 instead of float32 (as
+    # Megatron-LM does unless --fp32-residual-connection): the norms, gates and residual adds, which
+    # are memory-bound, move half the bytes. Norms still compute in float32. No effect without autocast.
+    bf16_residual: bool = False
 
     def validate(self) -> None:
         if self.dim % self.n_heads:
@@ -159,6 +163,8 @@ class Trunk(nn.Module):
             kv_pos = torch.arange(kv_len or cache.max_len, device=x.device)
             prepared = prepare_mask(mask, positions, kv_pos, self.config.attention, full_sequence=False)
         rope = self.rope(rope_positions.to(x.device))
+        if self.config.bf16_residual and _autocast_dtype(x.device.type) == torch.bfloat16:
+            x = x.to(torch.bfloat16)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
             if recompute:  # keep only block inputs; recompute each block's activations in backward
@@ -170,6 +176,11 @@ class Trunk(nn.Module):
             shift, scale = self.final_ada(cond)
             x = modulate(x, shift, scale)
         return x
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _init_linear_weights(module: nn.Module) -> None:
