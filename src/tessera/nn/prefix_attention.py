@@ -196,16 +196,21 @@ def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
 def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, kv_end: torch.Tensor,
                                      first_rows: torch.Tensor, kv_tiles: TileConfig = BACKWARD_KV_TILES,
-                                     q_tiles: TileConfig = BACKWARD_Q_TILES
+                                     q_tiles: TileConfig = BACKWARD_Q_TILES,
+                                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The backward kernels: dQ, dK, dV, each a (B, H, L, D) view of (B, L, H, D) memory."""
+    """The backward kernels: dQ, dK, dV, each by default a (B, H, L, D) view of (B, L, H, D) memory;
+    `grads` names the three (B, H, L, D) tensors to write instead (dK and dV with equal strides)."""
     _check(q, k, v, kv_end)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     b, h, lq, d = q.shape
     lk = k.shape[2]
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the dQ kernel
-    grad_q, grad_k, grad_v = _rows_major(q), _rows_major(k), _rows_major(v)
+    grad_q, grad_k, grad_v = grads or (_rows_major(q), _rows_major(k), _rows_major(v))
+    if (grad_q.shape != q.shape or grad_k.shape != k.shape or grad_v.stride() != grad_k.stride()
+            or grad_q.stride(-1) != 1 or grad_k.stride(-1) != 1):
+        raise ValueError("the gradients to write must be shaped like q, k and v, dK and dV with equal strides")
     sm_scale = 1.0 / math.sqrt(d)
     common = (h, lq, lk, *_strides(q), *_strides(k), *_strides(v), *_strides(grad), sm_scale * math.log2(math.e))
     _prefix_attention_backward_q[(triton.cdiv(lq, q_tiles.block_m), b * h)](

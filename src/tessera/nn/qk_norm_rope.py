@@ -110,20 +110,27 @@ def triton_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tenso
 
 
 def triton_rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
-                                  sin: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernel: the input's gradient as (B, H, L, D) (a view of (B, L, H, D) memory)
-    and the gain's gradient, summed from per-program partials."""
+                                  sin: torch.Tensor, eps: float, grad_x: torch.Tensor | None = None
+                                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backward kernel: the input's gradient as (B, H, L, D) (by default a view of (B, L, H, D)
+    memory; `grad_x` names another (B, H, L, D) tensor to write, which may be `grad` itself: each
+    program reads its rows before writing them) and the gain's gradient, summed from per-program partials."""
     b, h, length, d = _check(x, cos)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
-    grad_x = torch.empty(b, length, h, d, dtype=x.dtype, device=x.device)
+    if grad_x is None:
+        grad_x = torch.empty(b, length, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+    elif grad_x.shape != x.shape or grad_x.stride(-1) != 1:
+        raise ValueError(f"grad_x must be a {tuple(x.shape)} tensor contiguous in its last dimension")
     rows = b * length * h
     programs = triton.cdiv(rows, ROWS_PER_PROGRAM)
     partial = torch.empty(programs, d, dtype=torch.float32, device=x.device)
     _rms_norm_rope_backward[(programs,)](grad, x, weight, cos.contiguous(), sin.contiguous(), grad_x, partial, rows,
                                   length, h, grad.stride(0), grad.stride(1), grad.stride(2),
-                                  x.stride(0), x.stride(1), x.stride(2), eps, HALF=d // 2, ROWS=ROWS_PER_PROGRAM)
-    return grad_x.transpose(1, 2), partial.sum(0).to(weight.dtype)
+                                  x.stride(0), x.stride(1), x.stride(2),
+                                  grad_x.stride(0), grad_x.stride(1), grad_x.stride(2), eps,
+                                  HALF=d // 2, ROWS=ROWS_PER_PROGRAM)
+    return grad_x, partial.sum(0).to(weight.dtype)
 
 
 if triton is not None:
@@ -157,11 +164,12 @@ if triton is not None:
 
     @triton.jit
     def _rms_norm_rope_backward(G, X, W, Cos, Sin, GradX, Partial, rows, length, n_heads,
-                         stride_gb, stride_gh, stride_gl, stride_b, stride_h, stride_l, eps,
-                         HALF: tl.constexpr, ROWS: tl.constexpr):
+                         stride_gb, stride_gh, stride_gl, stride_b, stride_h, stride_l,
+                         stride_ob, stride_oh, stride_ol, eps, HALF: tl.constexpr, ROWS: tl.constexpr):
         pid = tl.program_id(0)
         offsets, pos, r, valid = _row_offsets(pid * ROWS, rows, length, n_heads, stride_b, stride_h, stride_l, ROWS)
         g_offsets, _, _, _ = _row_offsets(pid * ROWS, rows, length, n_heads, stride_gb, stride_gh, stride_gl, ROWS)
+        o_offsets, _, _, _ = _row_offsets(pid * ROWS, rows, length, n_heads, stride_ob, stride_oh, stride_ol, ROWS)
         cols = tl.arange(0, HALF)
         m = valid[:, None]
         g1 = tl.load(G + g_offsets[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
@@ -180,6 +188,6 @@ if triton is not None:
         dxhat1 = dn1 * tl.load(W + cols).to(tl.float32)[None, :]
         dxhat2 = dn2 * tl.load(W + HALF + cols).to(tl.float32)[None, :]
         mean = (tl.sum(dxhat1 * xhat1, 1) + tl.sum(dxhat2 * xhat2, 1)) / (2 * HALF)
-        out = GradX + r[:, None] * (2 * HALF) + cols[None, :]
+        out = GradX + o_offsets[:, None] + cols[None, :]
         tl.store(out, (rstd[:, None] * (dxhat1 - xhat1 * mean[:, None])).to(GradX.dtype.element_ty), mask=m)
         tl.store(out + HALF, (rstd[:, None] * (dxhat2 - xhat2 * mean[:, None])).to(GradX.dtype.element_ty), mask=m)

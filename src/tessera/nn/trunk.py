@@ -18,6 +18,7 @@ from .cache import KVCache
 from .layers import AdaLNModulation, RMSNorm, SwiGLU, modulate, swiglu_hidden
 from .masks import AttentionMask
 from .qk_norm_rope import rms_norm_rope, rms_norm_rope_reference
+from .qkv_attention import qkv_prefix_attention, qkv_prefix_attention_supported
 from .rope import RotaryEmbedding, apply_rotary
 
 
@@ -78,7 +79,20 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prepared: PreparedMask,
                 cache: KVCache | None, layer: int, positions: torch.Tensor | None, kv_len: int | None) -> torch.Tensor:
         b, length, _ = x.shape
-        q, k, v = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(x).view(b, length, 3, self.n_heads, self.head_dim)
+        if (prepared.prefix is not None and cache is None and self.fused_qk_rope and isinstance(self.q_norm, RMSNorm)
+                and qkv_prefix_attention_supported(qkv)):  # one op, whose backward writes the packed gradient
+            out = qkv_prefix_attention(qkv, self.q_norm.weight, self.k_norm.weight, *rope, self.q_norm.eps,
+                                       prepared.prefix)
+        else:
+            out = self._attend_heads(qkv, rope, prepared, cache, layer, positions, kv_len)
+        return self.dropout(self.proj(out.transpose(1, 2).reshape(b, length, -1).to(x.dtype)))
+
+    def _attend_heads(self, qkv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], prepared: PreparedMask,
+                      cache: KVCache | None, layer: int, positions: torch.Tensor | None,
+                      kv_len: int | None) -> torch.Tensor:
+        """(B, L, 3, H, D) projections -> (B, H, L, D) attention output, op by op."""
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         norm_rope = rms_norm_rope if self.fused_qk_rope else rms_norm_rope_reference
         if isinstance(self.q_norm, RMSNorm):
             q = norm_rope(q, self.q_norm.weight, *rope, self.q_norm.eps)
@@ -88,8 +102,7 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(layer, positions, k, v, kv_len)
             q = q.to(k.dtype)
-        out = attend(q, k, v, prepared).transpose(1, 2).reshape(b, length, -1)
-        return self.dropout(self.proj(out.to(x.dtype)))
+        return attend(q, k, v, prepared)
 
 
 class Block(nn.Module):
