@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -65,16 +66,24 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
     return model
 
 
-def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> float:
-    """Wall milliseconds per step over `steps` steps, waiting for the GPU only before and after."""
+ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+
+
+def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Wall milliseconds per step over `steps` steps, waiting for the GPU only before and after; and
+    per step, how often the caching allocator went to the driver (cudaMalloc/cudaFree, which waits
+    for the device) or freed its cache to retry an allocation."""
     if device.type == "cuda":
         torch.cuda.synchronize()
+    before = torch.cuda.memory_stats() if device.type == "cuda" else {}
     start = time.perf_counter()
     for _ in range(steps):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - start) * 1e3 / steps
+    wall_ms = (time.perf_counter() - start) * 1e3 / steps
+    after = torch.cuda.memory_stats() if device.type == "cuda" else {}
+    return wall_ms, {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in ALLOCATOR_EVENTS if k in after}
 
 
 def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int = 12) -> dict[str, Any]:
@@ -112,6 +121,8 @@ def sync_sites(step: Callable[[], None]) -> list[dict[str, Any]]:
     sites: Counter[str] = Counter()
 
     def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" not in str(message):  # other warnings raised on the way
+            return
         ours = [f for f in traceback.extract_stack()[:-1] if str(_BENCH.parent) in f.filename]
         sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))] += 1
 
@@ -175,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     for _ in range(args.warmup):
         step()
-    wall_ms = timed_steps(step, args.steps, device)
+    wall_ms, allocator = timed_steps(step, args.steps, device)
     syncs = sync_sites(step) if args.sync_debug and device.type == "cuda" else None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
@@ -199,12 +210,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
-              "env": environment(device.type), "wall_ms_per_step": wall_ms, "kernel_ms_per_step": per_step_ms,
+              "env": environment(device.type), "wall_ms_per_step": wall_ms, "allocator_per_step": allocator,
+              "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "kernel_ms_per_step": per_step_ms,
               "share": groups, "gpu_idle": gaps, "sync_sites": syncs,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
                       for t, name, n in timed[:args.top]]}
     print(f"per step: {wall_ms:.1f} ms wall, {per_step_ms:.1f} ms of kernels; "
           + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
+    if allocator:
+        print("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
     print(f"GPU idle {gaps['idle_ms_per_step']:.1f} ms per step, by the op that launched the work after it:")
