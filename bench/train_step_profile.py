@@ -88,18 +88,22 @@ def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> t
 
 def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int = 12) -> dict[str, Any]:
     """GPU idle time per step from a chrome trace: each gap of `min_us` or more between device events
-    is charged to the two innermost CPU ops around the launch of the work that ends it."""
+    is charged to the two innermost CPU ops around the launch of the work that ends it; the gaps
+    below `min_us` (one kernel waiting for the one before it, with the host ahead) are summed apart,
+    with the number of device events per step."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     if not device:
-        return {"idle_ms_per_step": 0.0, "by_op": []}
+        return {"idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0, "device_events_per_step": 0.0, "by_op": []}
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     charged: dict[str, list[float]] = {}
-    end, idle_total = device[0]["ts"] + device[0]["dur"], 0.0
+    end, idle_total, short_total = device[0]["ts"] + device[0]["dur"], 0.0, 0.0
     for event in device[1:]:
         idle = event["ts"] - end
+        if 0 < idle < min_us:
+            short_total += idle
         if idle >= min_us:
             idle_total += idle
             launch = launches.get(event.get("args", {}).get("correlation"))
@@ -110,7 +114,8 @@ def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int 
             charged[name] = [total + idle, count + 1]
         end = max(end, event["ts"] + event["dur"])
     by_op = sorted(charged.items(), key=lambda item: -item[1][0])[:top]
-    return {"idle_ms_per_step": idle_total / 1e3 / steps,
+    return {"idle_ms_per_step": idle_total / 1e3 / steps, "short_gaps_ms_per_step": short_total / 1e3 / steps,
+            "device_events_per_step": len(device) / steps,
             "by_op": [{"op": name, "idle_ms_per_step": t / 1e3 / steps, "gaps_per_step": n / steps}
                       for name, (t, n) in by_op]}
 
@@ -120,8 +125,10 @@ def sync_sites(step: Callable[[], None]) -> list[dict[str, Any]]:
     count each synchronizing call by the innermost frames of this repository on its stack."""
     sites: Counter[str] = Counter()
 
+    stepping = []
+
     def record(message, category, filename, lineno, file=None, line=None) -> None:
-        if "synchroniz" not in str(message):  # other warnings raised on the way
+        if not stepping or "synchroniz" not in str(message):  # warnings from outside the step, or of other kinds
             return
         ours = [f for f in traceback.extract_stack()[:-1] if str(_BENCH.parent) in f.filename]
         sites[" < ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in reversed(ours[-3:]))] += 1
@@ -131,6 +138,7 @@ def sync_sites(step: Callable[[], None]) -> list[dict[str, Any]]:
         warnings.showwarning = record
         torch.cuda.set_sync_debug_mode("warn")
         try:
+            stepping.append(True)
             step()
         finally:
             torch.cuda.set_sync_debug_mode("default")
@@ -221,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
-    print(f"GPU idle {gaps['idle_ms_per_step']:.1f} ms per step, by the op that launched the work after it:")
+    print(f"GPU idle between its {gaps['device_events_per_step']:.0f} kernels and copies per step: "
+          f"{gaps['short_gaps_ms_per_step']:.1f} ms in gaps under 10 us; {gaps['idle_ms_per_step']:.1f} ms in longer "
+          "ones, by the op that launched the work after them:")
     for row in gaps["by_op"]:
         print(f"{row['idle_ms_per_step']:6.2f} ms  x{row['gaps_per_step']:<5.1f} {row['op'][:125]}")
     for row in syncs or []:
