@@ -7,6 +7,7 @@ import torch
 import triton  # noqa: F401  (the dev extra installs it; the kernels run in its CPU interpreter here)
 
 from tessera.nn.qk_norm_rope import rms_norm_rope, rms_norm_rope_reference
+from gpu_blocks import assert_compiled_blocks_agree
 from triton_interpreter import run_interpreted
 
 
@@ -79,32 +80,7 @@ def test_without_triton_the_plain_ops_run():
 def test_compiled_block_on_a_gpu_matches_the_plain_block_in_bf16():
     """One compiled VAR-shaped block in bf16 autocast, fused against plain: outputs and gradients
     agree to bf16 rounding."""
-    from tessera.nn.attention import prepare_mask
-    from tessera.nn.masks import AttentionMask
-    from tessera.nn.rope import RotaryEmbedding
-    from tessera.nn.trunk import Block, TrunkConfig
-    torch.manual_seed(0)
-    blocks = [Block(TrunkConfig(dim=256, n_heads=4, cond_dim=256, fused_qk_rope=fused)).cuda() for fused in (False, True)]
-    for p in blocks[0].parameters():
-        p.data.normal_(0, 0.05)
-    blocks[1].load_state_dict(blocks[0].state_dict())
-    sizes = [1, 4, 9, 16, 25, 36, 64, 100]
-    pos = torch.arange(sum(sizes), device="cuda")
-    prepared = prepare_mask(AttentionMask.block_causal(sizes, "cuda"), pos, pos, "sdpa", full_sequence=True,
-                            group_rows=64)
-    rope = RotaryEmbedding(64, 2).cuda()(torch.rand(pos.numel(), 2, device="cuda") * 16)
-    x, cond = torch.randn(4, pos.numel(), 256, device="cuda"), torch.randn(4, 256, device="cuda")
-    results = []
-    for block in blocks:
-        compiled = torch.compile(block)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = compiled(x, rope, prepared, cond, None, 0, None, None)
-        grads = torch.autograd.grad(out.float().square().mean(), list(block.parameters()))
-        results.append((out.float(), grads))
-    (want, want_grads), (got, got_grads) = results
-    torch.testing.assert_close(got, want, atol=3e-2, rtol=3e-2)
-    for (name, _), g, w in zip(blocks[0].named_parameters(), got_grads, want_grads):
-        assert (g - w).norm() <= 0.03 * w.norm() + 1e-6, name
+    assert_compiled_blocks_agree(("sdpa", "sdpa"), group_rows=64)
 
 
 def test_a_weight_of_the_wrong_size_is_refused_before_any_kernel_reads_it():
