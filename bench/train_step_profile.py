@@ -90,11 +90,12 @@ def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int 
     """GPU idle time per step from a chrome trace: each gap of `min_us` or more between device events
     is charged to the two innermost CPU ops around the launch of the work that ends it; the gaps
     below `min_us` (one kernel waiting for the one before it, with the host ahead) are summed apart,
-    with the number of device events per step."""
+    with the number of device events per step and the time from the first one's start to the last one's end."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
     if not device:
-        return {"idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0, "device_events_per_step": 0.0, "by_op": []}
+        return {"idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0, "device_events_per_step": 0.0,
+                "span_ms_per_step": 0.0, "by_op": []}
     launches = {e["args"]["correlation"]: e for e in events
                 if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
     ops = [e for e in events if e.get("cat") == "cpu_op"]
@@ -115,7 +116,7 @@ def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int 
         end = max(end, event["ts"] + event["dur"])
     by_op = sorted(charged.items(), key=lambda item: -item[1][0])[:top]
     return {"idle_ms_per_step": idle_total / 1e3 / steps, "short_gaps_ms_per_step": short_total / 1e3 / steps,
-            "device_events_per_step": len(device) / steps,
+            "device_events_per_step": len(device) / steps, "span_ms_per_step": (end - device[0]["ts"]) / 1e3 / steps,
             "by_op": [{"op": name, "idle_ms_per_step": t / 1e3 / steps, "gaps_per_step": n / steps}
                       for name, (t, n) in by_op]}
 
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
+    print(f"under the profiler the GPU's work spans {gaps['span_ms_per_step']:.1f} ms per step")
     print(f"GPU idle between its {gaps['device_events_per_step']:.0f} kernels and copies per step: "
           f"{gaps['short_gaps_ms_per_step']:.1f} ms in gaps under 10 us; {gaps['idle_ms_per_step']:.1f} ms in longer "
           "ones, by the op that launched the work after them:")

@@ -28,6 +28,7 @@ def test_idle_gaps_are_charged_to_the_ops_that_launched_the_next_work():
     gaps = idle_gaps(trace, steps=1)
     assert gaps["idle_ms_per_step"] == pytest.approx(0.175)
     assert gaps["short_gaps_ms_per_step"] == pytest.approx(0.005) and gaps["device_events_per_step"] == 4
+    assert gaps["span_ms_per_step"] == pytest.approx(0.31)
     assert [(row["op"], row["idle_ms_per_step"]) for row in gaps["by_op"]] == [
         ("aten::mm < MmBackward0", pytest.approx(0.1)), ("aten::copy_", pytest.approx(0.075))]
     assert idle_gaps({"traceEvents": []}, steps=1)["by_op"] == []
