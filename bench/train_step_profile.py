@@ -69,21 +69,25 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
 ALLOCATOR_EVENTS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
 
 
-def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, dict[str, float]]:
-    """Wall milliseconds per step over `steps` steps, waiting for the GPU only before and after; and
-    per step, how often the caching allocator went to the driver (cudaMalloc/cudaFree, which waits
-    for the device) or freed its cache to retry an allocation."""
+def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float, dict[str, float]]:
+    """Wall milliseconds per step over `steps` steps, waiting for the GPU only before and after; the
+    host's own milliseconds per step (inside `step`, the GPU not waited for at the end); and per
+    step, how often the caching allocator went to the driver (cudaMalloc/cudaFree, which waits for
+    the device) or freed its cache to retry an allocation."""
     if device.type == "cuda":
         torch.cuda.synchronize()
     before = torch.cuda.memory_stats() if device.type == "cuda" else {}
-    start = time.perf_counter()
+    start, host = time.perf_counter(), 0.0
     for _ in range(steps):
+        step_start = time.perf_counter()
         step()
+        host += time.perf_counter() - step_start
     if device.type == "cuda":
         torch.cuda.synchronize()
     wall_ms = (time.perf_counter() - start) * 1e3 / steps
     after = torch.cuda.memory_stats() if device.type == "cuda" else {}
-    return wall_ms, {k: (after.get(k, 0) - before.get(k, 0)) / steps for k in ALLOCATOR_EVENTS if k in after}
+    return wall_ms, host * 1e3 / steps, {k: (after.get(k, 0) - before.get(k, 0)) / steps
+                                         for k in ALLOCATOR_EVENTS if k in after}
 
 
 def idle_gaps(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int = 12) -> dict[str, Any]:
@@ -179,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
              "text": [CAPTION] * b, "step": 0}
 
     ema, bad_steps, window = EMA(model, 0.9999), NonFiniteSteps(max_bad=10), LoggedMeans()
+    waits: list[float] = []  # host seconds spent judging the step before (waiting for its flag)
 
     def step() -> None:  # the trainer's step, without accelerate's wrappers (one process)
         with torch.autocast(device.type, torch.bfloat16):
@@ -191,11 +196,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         optimizer.zero_grad(set_to_none=True)
         ema.update(model, finite=finite)
         window.add({"loss": loss.detach(), "grad_norm": norm, **logs}, finite)
+        judged = time.perf_counter()
         bad_steps.record(0, finite, loss)
+        waits.append(time.perf_counter() - judged)
 
     for _ in range(args.warmup):
         step()
-    wall_ms, allocator = timed_steps(step, args.steps, device)
+    waits.clear()
+    wall_ms, host_ms, allocator = timed_steps(step, args.steps, device)
+    wait_ms = sum(waits) * 1e3 / args.steps
     syncs = sync_sites(step) if args.sync_debug and device.type == "cuda" else None
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
                                                           if device.type == "cuda" else [])
@@ -219,13 +228,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
-              "env": environment(device.type), "wall_ms_per_step": wall_ms, "allocator_per_step": allocator,
+              "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
+              "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,
               "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "kernel_ms_per_step": per_step_ms,
               "share": groups, "gpu_idle": gaps, "sync_sites": syncs,
               "top": [{"kernel": name[:160], "share": t / total, "calls_per_step": n / args.steps}
                       for t, name, n in timed[:args.top]]}
     print(f"per step: {wall_ms:.1f} ms wall, {per_step_ms:.1f} ms of kernels; "
           + ", ".join(f"{g} {s:.1%}" for g, s in groups.items()))
+    print(f"host per step: {host_ms - wait_ms:.1f} ms queueing work (a full launch queue blocks here too), "
+          f"{wait_ms:.1f} ms waiting for the step before (the GPU is behind when this is large)")
     if allocator:
         print("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()))
     for row in result["top"]:
