@@ -47,7 +47,7 @@ GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm",
 
 
 def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
-          trunk: dict[str, Any] | None = None) -> torch.nn.Module:
+          trunk: dict[str, Any] | None = None, loss_kernel: str = "torch") -> torch.nn.Module:
     """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled;
     `trunk` overrides trunk settings."""
     from tessera.registry import build_model
@@ -60,6 +60,7 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
         train_text_tokenizer(iter([CAPTION] * 8), vocab_size=256, out_path=Path(tmp) / "text.json")
         model = build_model("next_scale", None, tokenizer=str(Path(tmp) / "msvq"), cond="text",
                             text_tokenizer=str(Path(tmp) / "text.json"), loss_chunk=loss_chunk,
+                            loss_kernel=loss_kernel if loss_chunk else "torch",
                             trunk={**shape["trunk"], **(trunk or {})})
     model.to(device).train()
     model.trunk.compile()
@@ -160,6 +161,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--shape", choices=sorted(SHAPES), default="d16")
     p.add_argument("--batch", type=int, default=None, help="default: the shape's batch")
     p.add_argument("--loss-chunk", type=int, default=8192, help="0: full logits")
+    p.add_argument("--loss-kernel", default="torch", help="model.config.loss_kernel with --loss-chunk > 0")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=25)
@@ -175,7 +177,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
                                                           "attention": args.attention,
                                                           "attention_group_rows": args.group_rows,
-                                                          "bf16_residual": args.bf16_residual})
+                                                          "bf16_residual": args.bf16_residual},
+                  loss_kernel=args.loss_kernel)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
     b = args.batch or shape["batch"]
@@ -227,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for t, name, _ in timed:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
+              "loss_kernel": args.loss_kernel, "bf16_residual": args.bf16_residual,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
               "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,

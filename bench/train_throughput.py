@@ -64,6 +64,8 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "fused-b96-bf16-residual": [*FUSED, "train.batch_size=96", BF16_RESIDUAL],
         "fused-b128-bf16-residual": [*FUSED, "train.batch_size=128", BF16_RESIDUAL],
         "fused-b96-bf16-residual-graphs": [*FUSED, "train.batch_size=96", BF16_RESIDUAL, GRAPHS],
+        "fused-b96-bf16-residual-compiled-loss": [*FUSED, "train.batch_size=96", BF16_RESIDUAL,
+                                                  "model.config.loss_kernel=compiled"],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce
         "fused-b64-bucket100": [*FUSED, B64, "train.ddp_bucket_mb=100"],
         "fused-b64-static": [*FUSED, B64, "train.ddp_bucket_mb=100", "train.ddp_static_graph=true"],

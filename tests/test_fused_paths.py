@@ -6,7 +6,8 @@ import torch
 
 from tessera.config import ConfigError
 from tessera.generators.heads import token_cross_entropy
-from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy
+from tessera.nn.fused_cross_entropy import (_compiled_chunk_step, fused_linear_cross_entropy,
+                                             weighted_linear_cross_entropy)
 from tessera.nn.masks import AttentionMask
 from tessera.nn.trunk import Block, Trunk, TrunkConfig
 from tessera.registry import build_model
@@ -30,6 +31,25 @@ def test_fused_linear_cross_entropy_matches_full_logits(smoothing, z_loss, chunk
     assert logs["acc"].item() == pytest.approx(ref_logs["acc"].item())
     torch.testing.assert_close(grad_h, ref_h, rtol=1e-4, atol=1e-6)  # float32 logits on both sides
     torch.testing.assert_close(grad_w, ref_w, rtol=1e-4, atol=1e-6)
+
+
+def test_compiled_loss_chunks_match_the_eager_ones():
+    """loss_kernel=compiled: the chunk step compiled by Inductor gives the eager chunks' loss, logged
+    terms and gradients (a ragged last chunk included); without gradients it computes none."""
+    torch.manual_seed(0)
+    h = torch.randn(45, 24, requires_grad=True)
+    weight = torch.randn(101, 24, requires_grad=True)
+    target, row_weight = torch.randint(0, 101, (45,)), torch.rand(45)
+    results = []
+    for kernel in ("torch", "compiled"):
+        loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, row_weight, 0.1, 1e-3, 16, kernel)
+        results.append((loss, ce, zl, correct, *torch.autograd.grad(2.0 * loss, (h, weight))))
+    assert _compiled_chunk_step.cache_info().currsize == 1  # the compiled step was built and used
+    for name, eager, compiled in zip(("loss", "ce", "z", "correct", "grad h", "grad w"), *results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-5, msg=name)
+    with torch.no_grad():
+        loss, *_ = weighted_linear_cross_entropy(h, weight, target, row_weight, 0.1, 1e-3, 16, "compiled")
+    assert loss.item() == pytest.approx(results[0][0].item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("shuffle", [1, 2])
@@ -176,7 +196,8 @@ def test_liger_kernel_matches_the_torch_fused_path_in_the_triton_interpreter():
     run_interpreted("""
         import tempfile, torch
         import liger_kernel.transformers.functional as liger
-        from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy, weighted_linear_cross_entropy
+        from tessera.nn.fused_cross_entropy import (_compiled_chunk_step, fused_linear_cross_entropy,
+                                             weighted_linear_cross_entropy), weighted_linear_cross_entropy
         calls = []
         real = liger.liger_fused_linear_cross_entropy
         liger.liger_fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or real(*a, **k)

@@ -43,8 +43,9 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
 @dataclass
 class FusedLossConfig(Config):
     """The fused linear cross-entropy of a token-classifying generator: off (`loss_chunk=0`, full
-    logits), or `loss_chunk` rows at a time in PyTorch (`loss_kernel=torch`), or liger-kernel's
-    Triton kernel (`loss_kernel=liger`, CUDA; it picks its own chunk size)."""
+    logits), or `loss_chunk` rows at a time in PyTorch (`loss_kernel=torch`; `compiled`: each chunk's
+    step compiled by Inductor), or liger-kernel's Triton kernel (`loss_kernel=liger`, CUDA; it picks
+    its own chunk size)."""
 
     loss_chunk: int = 0
     loss_kernel: LossKernel = "torch"

@@ -8,12 +8,14 @@ avoided. Matches `F.cross_entropy(h @ W.T, ...)` with label smoothing and z-loss
 """
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Literal
 
 import torch
 
-LossKernel = Literal["torch", "liger"]
-LOSS_KERNELS: tuple[str, ...] = ("torch", "liger")
+LossKernel = Literal["torch", "compiled", "liger"]
+LOSS_KERNELS: tuple[str, ...] = ("torch", "compiled", "liger")
 
 
 def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
@@ -32,10 +34,29 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sm
     return ce, lse.pow(2), correct, grad * row_weight[:, None]
 
 
+def _chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float, z_loss: float,
+                row_weight: torch.Tensor, want_h: bool, want_w: bool) -> tuple[torch.Tensor | None, ...]:
+    """`_chunk_terms` of one chunk and what it adds to the gradients: the chunk's rows of the
+    features' gradient (in h's dtype; if `want_h`) and its term of the weight's gradient (float32;
+    if `want_w`)."""
+    ce, lse_sq, correct, grad = _chunk_terms(h, weight, target, smoothing, z_loss, row_weight)
+    grad_h = (grad.to(weight.dtype) @ weight).to(h.dtype) if want_h else None
+    grad_w = (grad.t() @ h.float()).float() if want_w else None
+    return ce, lse_sq, correct, grad_h, grad_w
+
+
+@functools.cache
+def _compiled_chunk_step() -> Callable[..., tuple[torch.Tensor, ...]]:
+    """`_chunk_step` compiled by Inductor: the chunk's float32 logits are read in a few fused passes
+    instead of one pass per op (logsumexp, log-softmax, gather, mean, exp, gradient, argmax, cast)."""
+    return torch.compile(_chunk_step, dynamic=False)
+
+
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk):  # noqa: D401 - autograd signature
+    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk, compiled):  # noqa: D401 - autograd signature
         n = h.shape[0]
+        step = _compiled_chunk_step() if compiled else _chunk_step
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         ce = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -43,13 +64,14 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         correct = torch.zeros((), dtype=torch.long, device=h.device)
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            ce[rows], zl[rows], c_correct, grad = _chunk_terms(h[rows], weight, target[rows], smoothing, z_loss,
-                                                               row_weight[rows])
+            ce[rows], zl[rows], c_correct, h_rows, w_term = step(h[rows], weight, target[rows], smoothing, z_loss,
+                                                                 row_weight[rows], grad_h is not None,
+                                                                 grad_w is not None)
             correct = correct + c_correct
             if grad_h is not None:
-                grad_h[rows] = (grad.to(weight.dtype) @ weight).to(h.dtype)
+                grad_h[rows] = h_rows
             if grad_w is not None:
-                grad_w += grad.t() @ h[rows].float()
+                grad_w += w_term
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype) if grad_w is not None else None)
         ctx.mark_non_differentiable(ce, zl, correct)
         return (row_weight * (ce + z_loss * zl)).sum(), ce, zl, correct
@@ -58,7 +80,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss, *_):
         grad_h, grad_w = ctx.saved_tensors
         return (grad_h * grad_loss.to(grad_h.dtype) if grad_h is not None else None,
-                grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None)
+                grad_w * grad_loss.to(grad_w.dtype) if grad_w is not None else None, None, None, None, None, None,
+                None)
 
 
 def _liger_rows(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, row_weight: torch.Tensor,
@@ -81,8 +104,8 @@ def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target:
                                   chunk: int = 4096, kernel: LossKernel = "torch"
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_i row_weight_i * (CE_i + z_loss * log Z_i^2) of logits `h @ weight.T` for features h (N, d),
-    targets (N,) and row weights (N,), `chunk` rows at a time (`kernel="torch"`) or by liger-kernel's
-    Triton kernel (`"liger"`); also each row's CE and log Z^2 (detached, for logging) and the number
+    targets (N,) and row weights (N,), `chunk` rows at a time (`kernel="torch"`; `"compiled"`: each
+    chunk's step compiled by Inductor) or by liger-kernel's Triton kernel (`"liger"`); also each row's CE and log Z^2 (detached, for logging) and the number
     of rows whose argmax is the target."""
     if h.dim() != 2 or target.shape != h.shape[:1] or row_weight.shape != h.shape[:1]:
         raise ValueError(f"features (N, d), targets (N,) and row weights (N,) expected, got {tuple(h.shape)}, "
@@ -90,7 +113,7 @@ def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target:
     if kernel == "liger":
         return _liger_rows(h, weight, target, row_weight.float(), label_smoothing, z_loss)
     return _FusedLinearCrossEntropy.apply(h, weight, target, row_weight.float(), label_smoothing, z_loss,
-                                          max(chunk, 1))
+                                          max(chunk, 1), kernel == "compiled")
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
