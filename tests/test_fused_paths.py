@@ -196,8 +196,7 @@ def test_liger_kernel_matches_the_torch_fused_path_in_the_triton_interpreter():
     run_interpreted("""
         import tempfile, torch
         import liger_kernel.transformers.functional as liger
-        from tessera.nn.fused_cross_entropy import (_compiled_chunk_step, fused_linear_cross_entropy,
-                                             weighted_linear_cross_entropy), weighted_linear_cross_entropy
+        from tessera.nn.fused_cross_entropy import fused_linear_cross_entropy, weighted_linear_cross_entropy
         calls = []
         real = liger.liger_fused_linear_cross_entropy
         liger.liger_fused_linear_cross_entropy = lambda *a, **k: calls.append(1) or real(*a, **k)
