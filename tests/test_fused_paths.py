@@ -163,9 +163,11 @@ def test_masked_generators_fused_loss_matches_plain(kind, tmp_path):
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("scale_weights", [[], [4.0, 1.0, 1.0, 2.0]])
-def test_next_scale_fused_loss_matches_plain(scale_weights, tmp_path):
-    """loss_chunk on VAR: the same scale-weighted loss, per-scale logs, accuracy and gradients."""
+@pytest.mark.parametrize("scale_weights,kernel", [([], "torch"), ([4.0, 1.0, 1.0, 2.0], "torch"),
+                                                  ([4.0, 1.0, 1.0, 2.0], "compiled")])
+def test_next_scale_fused_loss_matches_plain(scale_weights, kernel, tmp_path):
+    """loss_chunk on VAR (eager or compiled chunks): the same scale-weighted loss, per-scale logs,
+    accuracy and gradients."""
     torch.manual_seed(0)
     tokenizer = build_model("multiscale_vq", "tiny")
     tokenizer.save_pretrained(tmp_path / "msvq")
@@ -176,7 +178,7 @@ def test_next_scale_fused_loss_matches_plain(scale_weights, tmp_path):
         torch.manual_seed(0)
         model = build_model("next_scale", "tiny", tokenizer=str(tmp_path / "msvq"), cond="class", num_classes=3,
                             cond_drop=0.0, label_smoothing=0.1, scale_loss_weights=scale_weights,
-                            loss_chunk=chunk).double()
+                            loss_chunk=chunk, loss_kernel=kernel if chunk else "torch").double()
         loss, logs = model.loss(dict(batch))
         loss.backward()
         results.append((loss.item(), {k: float(v) for k, v in logs.items()},
