@@ -54,7 +54,7 @@ def _compiled_chunk_step() -> Callable[..., tuple[torch.Tensor, ...]]:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk, compiled):  # noqa: D401 - autograd signature
+    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk, compiled):  # noqa: D401
         n = h.shape[0]
         step = _compiled_chunk_step() if compiled else _chunk_step
         grad_h = torch.empty_like(h) if h.requires_grad else None
@@ -105,8 +105,8 @@ def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target:
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_i row_weight_i * (CE_i + z_loss * log Z_i^2) of logits `h @ weight.T` for features h (N, d),
     targets (N,) and row weights (N,), `chunk` rows at a time (`kernel="torch"`; `"compiled"`: each
-    chunk's step compiled by Inductor) or by liger-kernel's Triton kernel (`"liger"`); also each row's CE and log Z^2 (detached, for logging) and the number
-    of rows whose argmax is the target."""
+    chunk's step compiled by Inductor) or by liger-kernel's Triton kernel (`"liger"`); also each
+    row's CE and log Z^2 (detached, for logging) and the number of rows whose argmax is the target."""
     if h.dim() != 2 or target.shape != h.shape[:1] or row_weight.shape != h.shape[:1]:
         raise ValueError(f"features (N, d), targets (N,) and row weights (N,) expected, got {tuple(h.shape)}, "
                          f"{tuple(target.shape)} and {tuple(row_weight.shape)}")

@@ -121,8 +121,8 @@ def _forward_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: torch
 
 @_forward_op.register_fake
 def _(q, k, v, kv_end, first_rows):
-    b, h, length, d = q.shape
-    return q.new_empty(b, length, h, d).transpose(1, 2), q.new_empty(b, h, length, dtype=torch.float32)
+    b, h, length, _ = q.shape
+    return empty_rows_major(q), q.new_empty(b, h, length, dtype=torch.float32)
 
 
 @torch.library.custom_op("tessera::prefix_attention_backward", mutates_args=())
@@ -134,10 +134,7 @@ def _backward_op(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
 
 @_backward_op.register_fake
 def _(grad, q, k, v, out, lse, kv_end, first_rows):
-    def like(t):
-        b, h, length, d = t.shape
-        return t.new_empty(b, length, h, d).transpose(1, 2)
-    return like(q), like(k), like(v)
+    return empty_rows_major(q), empty_rows_major(k), empty_rows_major(v)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -171,10 +168,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _rows_major(t: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H, L, D) view of (B, L, H, D) memory shaped like t: the layout the trunk reshapes for free."""
+def empty_rows_major(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, L, D) view of (B, L, H, D) memory shaped like t: the layout the kernels here and in
+    `qk_norm_rope` write, which the trunk reshapes for free (also under fake tensors)."""
     b, h, length, d = t.shape
-    return torch.empty(b, length, h, d, dtype=t.dtype, device=t.device).transpose(1, 2)
+    return t.new_empty(b, length, h, d).transpose(1, 2)
 
 
 def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: torch.Tensor,
@@ -183,7 +181,7 @@ def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     log-sum-exp of the scaled scores in base 2 (B, H, Lq), float32."""
     _check(q, k, v, kv_end)
     b, h, lq, d = q.shape
-    out = _rows_major(q)
+    out = empty_rows_major(q)
     lse = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
     grid = (triton.cdiv(lq, tiles.block_m), b * h)
     _prefix_attention_forward[grid](q, k, v, out, lse, kv_end, h, lq, k.shape[2], *_strides(q), *_strides(k),
@@ -207,7 +205,7 @@ def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: tor
     b, h, lq, d = q.shape
     lk = k.shape[2]
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the dQ kernel
-    grad_q, grad_k, grad_v = grads or (_rows_major(q), _rows_major(k), _rows_major(v))
+    grad_q, grad_k, grad_v = grads or (empty_rows_major(q), empty_rows_major(k), empty_rows_major(v))
     if (grad_q.shape != q.shape or grad_k.shape != k.shape or grad_v.stride() != grad_k.stride()
             or grad_q.stride(-1) != 1 or grad_k.stride(-1) != 1):
         raise ValueError("the gradients to write must be shaped like q, k and v, dK and dV with equal strides")

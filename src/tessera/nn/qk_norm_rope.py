@@ -20,6 +20,7 @@ import torch
 
 from .decode_attention import triton_available
 from .layers import rms_norm
+from .prefix_attention import empty_rows_major
 from .rope import apply_rotary
 
 try:
@@ -57,8 +58,7 @@ def _fused_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: tor
 
 @_fused_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float) -> torch.Tensor:
-    b, h, length, d = x.shape
-    return x.new_empty(b, length, h, d).transpose(1, 2)
+    return empty_rows_major(x)
 
 
 @torch.library.custom_op("tessera::rms_norm_rope_backward", mutates_args=())
@@ -70,8 +70,7 @@ def _fused_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor
 @_fused_backward_op.register_fake
 def _(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    b, h, length, d = x.shape
-    return x.new_empty(b, length, h, d).transpose(1, 2), torch.empty_like(weight)
+    return empty_rows_major(x), torch.empty_like(weight)
 
 
 def _setup_context(ctx, inputs, output) -> None:
@@ -101,12 +100,12 @@ def triton_rms_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tenso
                          eps: float) -> torch.Tensor:
     """The forward kernel: one program per ROWS_PER_PROGRAM (position, head) rows."""
     b, h, length, d = _check(x, cos)
-    out = torch.empty(b, length, h, d, dtype=x.dtype, device=x.device)
+    out = empty_rows_major(x)  # the kernel writes row r = (batch, position, head) at r * D
     rows = b * length * h
     grid = (triton.cdiv(rows, ROWS_PER_PROGRAM),)
     _rms_norm_rope_forward[grid](x, weight, cos.contiguous(), sin.contiguous(), out, rows, length, h,
                           x.stride(0), x.stride(1), x.stride(2), eps, HALF=d // 2, ROWS=ROWS_PER_PROGRAM)
-    return out.transpose(1, 2)
+    return out
 
 
 def triton_rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor,
@@ -119,7 +118,7 @@ def triton_rms_norm_rope_backward(grad: torch.Tensor, x: torch.Tensor, weight: t
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     if grad_x is None:
-        grad_x = torch.empty(b, length, h, d, dtype=x.dtype, device=x.device).transpose(1, 2)
+        grad_x = empty_rows_major(x)
     elif grad_x.shape != x.shape or grad_x.stride(-1) != 1:
         raise ValueError(f"grad_x must be a {tuple(x.shape)} tensor contiguous in its last dimension")
     rows = b * length * h

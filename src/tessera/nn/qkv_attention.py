@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .prefix_attention import (PrefixMask, prefix_attention_supported, triton_prefix_attention,
-                               triton_prefix_attention_backward)
+from .prefix_attention import (PrefixMask, empty_rows_major, prefix_attention_supported,
+                               triton_prefix_attention, triton_prefix_attention_backward)
 from .qk_norm_rope import triton_rms_norm_rope, triton_rms_norm_rope_backward
 
 
@@ -43,12 +43,6 @@ def _heads(qkv: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return qkv.permute(2, 0, 3, 1, 4).unbind(0)
 
 
-def _rows_major_like(t: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H, L, D) view of (B, L, H, D) memory shaped like t."""
-    b, h, length, d = t.shape
-    return t.new_empty(b, length, h, d).transpose(1, 2)
-
-
 @torch.library.custom_op("tessera::qkv_prefix_attention", mutates_args=())
 def _forward_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, kv_end: torch.Tensor, first_rows: torch.Tensor,
@@ -64,7 +58,7 @@ def _forward_op(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tenso
 def _(qkv, q_weight, k_weight, cos, sin, kv_end, first_rows, eps):
     q_raw = _heads(qkv)[0]
     b, h, length, _ = q_raw.shape
-    return (_rows_major_like(q_raw), _rows_major_like(q_raw), _rows_major_like(q_raw),
+    return (empty_rows_major(q_raw), empty_rows_major(q_raw), empty_rows_major(q_raw),
             qkv.new_empty(b, h, length, dtype=torch.float32))
 
 
