@@ -46,6 +46,7 @@ SHAPES = {
 FUSED = ["train.compile=true", "model.config.loss_chunk=8192"]  # compiled blocks + fused linear cross-entropy
 GRAPHS = "train.compile_mode=reduce-overhead"
 B64 = "train.batch_size=64"
+B96 = "train.batch_size=96"
 PLAIN_QK_ROPE = "model.config.trunk.fused_qk_rope=false"
 BF16_RESIDUAL = "model.config.trunk.bf16_residual=true"
 QUERY_GROUPS = ["model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"]
@@ -58,13 +59,13 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "fused-plain-qk-rope": [*FUSED, PLAIN_QK_ROPE],
         "fused-b64": [*FUSED, B64],
         "fused-b64-graphs": [*FUSED, B64, GRAPHS],
-        "fused-b96": [*FUSED, "train.batch_size=96"],
-        "fused-b96-graphs": [*FUSED, "train.batch_size=96", GRAPHS],
+        "fused-b96": [*FUSED, B96],
+        "fused-b96-graphs": [*FUSED, B96, GRAPHS],
         "fused-b64-bf16-residual": [*FUSED, B64, BF16_RESIDUAL],
-        "fused-b96-bf16-residual": [*FUSED, "train.batch_size=96", BF16_RESIDUAL],
+        "fused-b96-bf16-residual": [*FUSED, B96, BF16_RESIDUAL],
         "fused-b128-bf16-residual": [*FUSED, "train.batch_size=128", BF16_RESIDUAL],
-        "fused-b96-bf16-residual-graphs": [*FUSED, "train.batch_size=96", BF16_RESIDUAL, GRAPHS],
-        "fused-b96-bf16-residual-compiled-loss": [*FUSED, "train.batch_size=96", BF16_RESIDUAL,
+        "fused-b96-bf16-residual-graphs": [*FUSED, B96, BF16_RESIDUAL, GRAPHS],
+        "fused-b96-bf16-residual-compiled-loss": [*FUSED, B96, BF16_RESIDUAL,
                                                   "model.config.loss_kernel=compiled"],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce
         "fused-b64-bucket100": [*FUSED, B64, "train.ddp_bucket_mb=100"],
