@@ -6,6 +6,7 @@ as the trainer runs it, with one part taken out at a time:
 - `block`: the block as trained (block-causal attention on the prefix-mask Triton kernels,
   nn/prefix_attention.py; QK-norm and RoPE in one Triton kernel, nn/qk_norm_rope.py);
 - `unfused-qk-rope`: QK-norm and RoPE as plain PyTorch ops (fused by Inductor) instead;
+- `unfused-swiglu`: the SwiGLU activation as plain PyTorch ops (fused by Inductor), not nn/swiglu.py's kernels;
 - `dense-mask`: attention as one SDPA call with the dense mask instead;
 - `sdpa-groups`: attention as SDPA query groups of at least 64 rows instead;
 - `no-qk-norm`, `no-rope`: without that part, the other one as plain ops (compare with `unfused-qk-rope`);
@@ -45,7 +46,7 @@ from tessera.nn.masks import AttentionMask  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-VARIANTS = ("block", "unfused-qk-rope", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln",
+VARIANTS = ("block", "unfused-qk-rope", "unfused-swiglu", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln",
             "no-attention", "matmuls")
 
 
@@ -64,6 +65,7 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
     """A compiled forward + backward of one block in `variant`, and the patch it runs under."""
     cfg = trunk_module.TrunkConfig(dim=args.dim, n_layers=1, n_heads=args.heads, qk_norm=variant != "no-qk-norm",
                                    fused_qk_rope=variant not in ("unfused-qk-rope", "no-rope"),
+                                   fused_swiglu=variant != "unfused-swiglu",
                                    cond_dim=0 if variant == "no-adaln" else args.dim)
     sizes = [s * s for s in SCALES]
     length = sum(sizes)

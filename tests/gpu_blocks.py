@@ -3,14 +3,16 @@ import torch
 
 
 def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0) -> None:
-    """Two blocks with the same weights, plain QK-norm + RoPE under attention backend `backends[0]` and
-    the fused kernel under `backends[1]`, compiled: outputs and gradients agree to bf16 rounding."""
+    """Two blocks with the same weights, plain QK-norm + RoPE and SwiGLU under attention backend
+    `backends[0]` and the fused kernels under `backends[1]`, compiled: outputs and gradients agree to
+    bf16 rounding."""
     from tessera.nn.attention import prepare_mask
     from tessera.nn.masks import AttentionMask
     from tessera.nn.rope import RotaryEmbedding
     from tessera.nn.trunk import Block, TrunkConfig
     torch.manual_seed(0)
-    blocks = [Block(TrunkConfig(dim=256, n_heads=4, cond_dim=256, fused_qk_rope=fused)).cuda() for fused in (False, True)]
+    blocks = [Block(TrunkConfig(dim=256, n_heads=4, cond_dim=256, fused_qk_rope=fused, fused_swiglu=fused)).cuda()
+              for fused in (False, True)]
     for p in blocks[0].parameters():
         p.data.normal_(0, 0.05)
     blocks[1].load_state_dict(blocks[0].state_dict())

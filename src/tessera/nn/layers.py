@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .swiglu import swiglu
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm with a learned gain, computed in float32."""
@@ -34,17 +36,18 @@ def swiglu_hidden(dim: int, mlp_ratio: float, multiple_of: int) -> int:
 
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), with w1 and w3 stored as one (2 * hidden, dim) matrix `w13` so that
-    both projections are one matrix product (one kernel launch per block when decoding)."""
+    both projections are one matrix product (one kernel launch per block when decoding). `fused`:
+    the activation and its backward as Triton kernels where they run (nn/swiglu.py)."""
 
-    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0, fused: bool = False):
         super().__init__()
         self.w13 = nn.Linear(dim, 2 * hidden, bias=False)
         self.w2 = nn.Linear(hidden, dim, bias=False)
         self.dropout = nn.Dropout(dropout)
+        self.fused = fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w13(x).chunk(2, dim=-1)
-        return self.dropout(self.w2(F.silu(gate) * up))
+        return self.dropout(self.w2(swiglu(self.w13(x), self.fused)))
 
 
 class AdaLNModulation(nn.Module):

@@ -45,6 +45,7 @@ class TrunkConfig(Config):
     # where the GPU, not the host, is the bottleneck (batch 64, train.compile_mode=reduce-overhead).
     attention_group_rows: int = 0
     fused_qk_rope: bool = True  # QK-norm + RoPE as one Triton kernel where Triton runs (nn/qk_norm_rope.py)
+    fused_swiglu: bool = True  # the SwiGLU activation and its backward as Triton kernels (nn/swiglu.py)
     # Under bf16 autocast, carry the residual stream between blocks in bf16 instead of float32 (as
     # Megatron-LM does unless --fp32-residual-connection): the norms, gates and residual adds, which
     # are memory-bound, move half the bytes. Norms still compute in float32. No effect without autocast.
@@ -113,7 +114,8 @@ class Block(nn.Module):
         self.norm1 = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
         self.norm2 = RMSNorm(cfg.dim, cfg.norm_eps, affine=cfg.cond_dim == 0)
         self.attn = Attention(cfg)
-        self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio, cfg.multiple_of), cfg.dropout)
+        self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio, cfg.multiple_of), cfg.dropout,
+                          fused=cfg.fused_swiglu)
         self.ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 6) if cfg.cond_dim > 0 else None
 
     def forward(self, x, rope, prepared, cond, cache, layer, positions, kv_len):
