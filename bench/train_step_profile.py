@@ -40,6 +40,7 @@ from timing import environment, write_json  # noqa: E402
 
 from tessera.train.ema import EMA  # noqa: E402
 from tessera.train.step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag  # noqa: E402
+from tessera.train.trainer import compile_arguments  # noqa: E402
 from train_throughput import SHAPES  # noqa: E402
 
 CAPTION = "a red circle left of a blue square"
@@ -48,9 +49,9 @@ GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm",
 
 
 def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
-          trunk: dict[str, Any] | None = None, loss_kernel: str = "torch") -> torch.nn.Module:
-    """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled;
-    `trunk` overrides trunk settings."""
+          trunk: dict[str, Any] | None = None, loss_kernel: str = "torch", tuning: bool = False) -> torch.nn.Module:
+    """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled (with
+    Inductor's coordinate-descent tuning if `tuning`); `trunk` overrides trunk settings."""
     from tessera.registry import build_model
     from tessera.tokenizers.text import train_text_tokenizer
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
                             loss_kernel=loss_kernel if loss_chunk else "torch",
                             trunk={**shape["trunk"], **(trunk or {})})
     model.to(device).train()
-    model.trunk.compile()
+    model.trunk.compile(**compile_arguments("default", tuning))
     return model
 
 
@@ -204,6 +205,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--attention", default="auto", help="trunk.attention (auto: the prefix kernels for this mask)")
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
     p.add_argument("--bf16-residual", action="store_true", help="trunk.bf16_residual: the residual stream in bf16")
+    p.add_argument("--plain-swiglu", action="store_true", help="trunk.fused_swiglu=false: SwiGLU as plain ops")
+    p.add_argument("--compile-tuning", action="store_true", help="train.compile_tuning: coordinate-descent tuning")
     p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--by-source", action="store_true", help="record Python stacks; GPU time by this repository's launching line")
     p.add_argument("--json", default=None)
@@ -213,8 +216,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
                                                           "attention": args.attention,
                                                           "attention_group_rows": args.group_rows,
-                                                          "bf16_residual": args.bf16_residual},
-                  loss_kernel=args.loss_kernel)
+                                                          "bf16_residual": args.bf16_residual,
+                                                          "fused_swiglu": not args.plain_swiglu},
+                  loss_kernel=args.loss_kernel, tuning=args.compile_tuning)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
     b = args.batch or shape["batch"]
@@ -268,6 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "loss_kernel": args.loss_kernel, "bf16_residual": args.bf16_residual,
+              "fused_swiglu": not args.plain_swiglu, "compile_tuning": args.compile_tuning,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
               "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,

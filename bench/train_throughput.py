@@ -49,6 +49,7 @@ B64 = "train.batch_size=64"
 B96 = "train.batch_size=96"
 PLAIN_QK_ROPE = "model.config.trunk.fused_qk_rope=false"
 BF16_RESIDUAL = "model.config.trunk.bf16_residual=true"
+TUNED = "train.compile_tuning=true"
 QUERY_GROUPS = ["model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"]
 ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "compiled": ["train.compile=true"],
@@ -67,6 +68,9 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "fused-b96-bf16-residual-graphs": [*FUSED, B96, BF16_RESIDUAL, GRAPHS],
         "fused-b96-bf16-residual-compiled-loss": [*FUSED, B96, BF16_RESIDUAL,
                                                   "model.config.loss_kernel=compiled"],
+        "fused-b96-bf16-residual-plain-swiglu": [*FUSED, B96, BF16_RESIDUAL, "model.config.trunk.fused_swiglu=false"],
+        "fused-b96-bf16-residual-tuned": [*FUSED, B96, BF16_RESIDUAL, TUNED],
+        "fused-b128-bf16-residual-tuned": [*FUSED, "train.batch_size=128", BF16_RESIDUAL, TUNED],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce
         "fused-b64-bucket100": [*FUSED, B64, "train.ddp_bucket_mb=100"],
         "fused-b64-static": [*FUSED, B64, "train.ddp_bucket_mb=100", "train.ddp_static_graph=true"],

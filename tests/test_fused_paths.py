@@ -244,12 +244,17 @@ def test_liger_kernel_matches_the_torch_fused_path_in_the_triton_interpreter():
     """)
 
 
-def test_compile_mode_reaches_every_block(tmp_path, monkeypatch):
-    modes = []
-    monkeypatch.setattr(Block, "compile", lambda self, *args, **kwargs: modes.append(kwargs.get("mode")))
+def test_compile_mode_and_tuning_reach_every_block(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(Block, "compile", lambda self, *args, **kwargs: calls.append(kwargs))
     recipe = tiny_recipe(tmp_path, images=8, train={"steps": 1, "ckpt_every": 1})
     train(recipe.with_overrides([f"out={tmp_path / 'run'}", "train.compile=true",
                                  "train.compile_mode=max-autotune-no-cudagraphs"]), progress=False)
-    assert modes and set(modes) == {"max-autotune-no-cudagraphs"}
+    assert calls and all(kwargs == {"mode": "max-autotune-no-cudagraphs"} for kwargs in calls)
+    calls.clear()
+    train(recipe.with_overrides([f"out={tmp_path / 'tuned'}", "train.compile=true", "train.compile_tuning=true",
+                                 "train.compile_mode=reduce-overhead"]), progress=False)
+    assert calls and all(kwargs == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
+                         for kwargs in calls)
     with pytest.raises(ConfigError, match="compile_mode"):
         recipe.with_overrides(["train.compile_mode=fastest"])

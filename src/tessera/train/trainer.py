@@ -252,7 +252,16 @@ def _configure_trunk(model: TesseraModel, recipe: Recipe, zero3: bool) -> None:
                           f"{recipe.model.kind} has none")
     trunk.activation_checkpointing = t.activation_checkpointing
     if t.compile:
-        trunk.compile(mode=t.compile_mode)  # in place: parameter names (and checkpoints) unchanged
+        trunk.compile(**compile_arguments(t.compile_mode, t.compile_tuning))  # in place: parameter names unchanged
+
+
+def compile_arguments(mode: str, tuning: bool) -> dict[str, Any]:
+    """torch.compile's arguments for `mode`, with Inductor's coordinate-descent tuning added if `tuning`
+    (torch.compile takes a mode or options, not both: the mode's options are spelled out)."""
+    if not tuning:
+        return {"mode": mode}
+    from torch._inductor import list_mode_options
+    return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
 
 
 def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, rank: int,
