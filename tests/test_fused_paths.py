@@ -33,6 +33,25 @@ def test_fused_linear_cross_entropy_matches_full_logits(smoothing, z_loss, chunk
     torch.testing.assert_close(grad_w, ref_w, rtol=1e-4, atol=1e-6)
 
 
+def test_fused_linear_cross_entropy_under_bf16_autocast_matches_full_logits():
+    """Under autocast the logits' gradient is cast once to bf16 for both products; the loss and the
+    gradients stay within bf16 rounding of the full-logits loss, in the inputs' dtypes."""
+    torch.manual_seed(0)
+    h = torch.randn(40, 32, dtype=torch.bfloat16, requires_grad=True)
+    weight = torch.randn(64, 32, requires_grad=True)
+    target = torch.randint(0, 64, (40,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, logs = fused_linear_cross_entropy(h, weight, target, 0.1, 1e-3, 16)
+        ref_loss, ref_logs = token_cross_entropy(h @ weight.t(), target, 0.1, 1e-3)
+    grad_h, grad_w = torch.autograd.grad(loss, (h, weight))
+    ref_h, ref_w = torch.autograd.grad(ref_loss, (h, weight))
+    assert grad_h.dtype == torch.bfloat16 and grad_w.dtype == torch.float32
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-3)
+    assert logs["acc"].item() == pytest.approx(ref_logs["acc"].item())
+    torch.testing.assert_close(grad_h.float(), ref_h.float(), rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(grad_w, ref_w, rtol=2e-2, atol=2e-3)
+
+
 def test_compiled_loss_chunks_match_the_eager_ones():
     """loss_kernel=compiled: the chunk step compiled by Inductor gives the eager chunks' loss, logged
     terms and gradients (a ragged last chunk included); without gradients it computes none."""

@@ -21,27 +21,39 @@ LOSS_KERNELS: tuple[str, ...] = ("torch", "compiled", "liger")
 def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
                  z_loss: float, row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Per-row CE and log Z^2 of one chunk, its correct count, and the gradient of
-    sum(row_weight * (CE + z_loss * log Z^2)) with respect to its logits."""
+    sum(row_weight * (CE + z_loss * log Z^2)) with respect to its logits (float32).
+
+    Written for few passes over the chunk's float32 logits: one log-softmax, log Z from the target's
+    column (its logit minus its log-probability), the terms of label smoothing and z-loss only when
+    they are on, and the gradient built in place in the log-probabilities' memory."""
     logits = (h @ weight.t()).float()
-    lse = torch.logsumexp(logits, -1)
-    log_probs = logits - lse[:, None]
-    nll = -log_probs.gather(-1, target[:, None])[:, 0]
-    ce = (1 - smoothing) * nll - smoothing * log_probs.mean(-1)
-    probs = log_probs.exp()
-    grad = probs * (1 + 2 * z_loss * lse[:, None]) - smoothing / logits.shape[-1]
-    grad.scatter_add_(-1, target[:, None], torch.full_like(grad[:, :1], -(1 - smoothing)))
     correct = (logits.argmax(-1) == target).sum()
-    return ce, lse.pow(2), correct, grad * row_weight[:, None]
+    column = target[:, None]
+    log_probs = torch.log_softmax(logits, -1)
+    target_log_prob = log_probs.gather(-1, column)[:, 0]
+    lse = logits.gather(-1, column)[:, 0] - target_log_prob
+    ce = -target_log_prob
+    if smoothing:
+        ce = (1 - smoothing) * ce - smoothing * log_probs.mean(-1)
+    scale = row_weight * (1 + 2 * z_loss * lse) if z_loss else row_weight
+    grad = log_probs.exp_().mul_(scale[:, None])  # softmax, times each row's weight (and z-loss factor)
+    if smoothing:
+        grad.sub_((smoothing / logits.shape[-1]) * row_weight[:, None])
+    grad.scatter_add_(-1, column, (-(1 - smoothing) * row_weight)[:, None])
+    return ce, lse.pow(2), correct, grad
 
 
 def _chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float, z_loss: float,
                 row_weight: torch.Tensor, want_h: bool, want_w: bool) -> tuple[torch.Tensor | None, ...]:
     """`_chunk_terms` of one chunk and what it adds to the gradients: the chunk's rows of the
     features' gradient (in h's dtype; if `want_h`) and its term of the weight's gradient (float32;
-    if `want_w`)."""
+    if `want_w`). The logits' gradient is cast once, to the dtype the matrix products run in
+    (autocast's, else the weight's)."""
     ce, lse_sq, correct, grad = _chunk_terms(h, weight, target, smoothing, z_loss, row_weight)
-    grad_h = (grad.to(weight.dtype) @ weight).to(h.dtype) if want_h else None
-    grad_w = (grad.t() @ h.float()).float() if want_w else None
+    device = h.device.type
+    grad = grad.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
+    grad_h = (grad @ weight).to(h.dtype) if want_h else None
+    grad_w = (grad.t() @ h.to(grad.dtype)).float() if want_w else None
     return ce, lse_sq, correct, grad_h, grad_w
 
 
