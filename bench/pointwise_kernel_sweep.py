@@ -1,0 +1,115 @@
+"""Tile sizes of the trunk's memory-bound Triton kernels, against Inductor's kernels for the same math.
+
+At VAR-d16's training shape (batch 96 by default, 680 positions, width 1024, 16 heads of 64,
+SwiGLU hidden 2752, bf16), forward + backward of:
+
+- `swiglu`: nn/swiglu.py's kernels under each BLOCK (columns per program), and the plain
+  silu(gate) * up compiled by Inductor (`inductor`);
+- `qk_norm_rope`: nn/qk_norm_rope.py's kernels on the query under each ROWS_PER_PROGRAM, and the
+  plain RMSNorm + rotation compiled by Inductor.
+
+Each row has the milliseconds and the effective bandwidth: the bytes the operation must move at
+least (each input read once, each output written once) over the time, so a row near the GPU's
+memory bandwidth has no more to gain.
+
+GPU:  source .whl/setup.sh; python3 bench/pointwise_kernel_sweep.py --json $OUT/sweep.json
+CPU smoke (the plain rows only):  .venv/bin/python bench/pointwise_kernel_sweep.py --device cpu --batch 1 --reps 1
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+_BENCH = Path(__file__).resolve().parent
+for _p in (_BENCH.parent / "src", _BENCH):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+import torch  # noqa: E402
+
+from timing import environment, measure, write_json  # noqa: E402
+
+from tessera.nn import qk_norm_rope, swiglu  # noqa: E402
+from tessera.nn.rope import RotaryEmbedding  # noqa: E402
+
+LENGTH, HIDDEN, HEADS, HEAD_DIM = 680, 2752, 16, 64
+SWIGLU_BLOCKS = (256, 512, 1024, 2048, 4096)
+ROWS = (8, 16, 32, 64, 128)
+
+
+def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
+    """One call of `fn` and its backward with `grad`."""
+    def step() -> None:
+        torch.autograd.grad(fn(*inputs), [t for t in inputs if t.requires_grad], grad)
+    return step
+
+
+def swiglu_rows(args, device: torch.device) -> list[dict[str, Any]]:
+    rows_n = args.batch * LENGTH
+    h13 = (torch.randn(rows_n, 2 * HIDDEN, device=device) * 2).bfloat16().requires_grad_()
+    grad = torch.randn(rows_n, HIDDEN, device=device).bfloat16()
+    # bf16 bytes: forward reads h13 and writes h (h's size is grad's); backward reads h13 and grad, writes d_h13
+    least_bytes = 2 * (h13.numel() + grad.numel()) + 2 * (2 * h13.numel() + grad.numel())
+    plain = torch.compile(swiglu.swiglu_reference, dynamic=False) if device.type == "cuda" else swiglu.swiglu_reference
+    variants: list[tuple[str, Callable[[], None], int | None]] = [("inductor", forward_backward(plain, [h13], grad), None)]
+    if swiglu.triton_available(device):
+        variants += [(f"block-{b}", forward_backward(swiglu.swiglu, [h13], grad), b) for b in SWIGLU_BLOCKS]
+    out, chosen = [], swiglu.BLOCK
+    for name, step, block in variants:
+        swiglu.BLOCK = block or chosen
+        out.append(_row("swiglu", name, step, least_bytes, args, device))
+    swiglu.BLOCK = chosen
+    return out
+
+
+def qk_norm_rope_rows(args, device: torch.device) -> list[dict[str, Any]]:
+    x = torch.randn(args.batch, LENGTH, HEADS, HEAD_DIM, device=device).bfloat16().transpose(1, 2).requires_grad_()
+    weight = (1 + 0.1 * torch.randn(HEAD_DIM, device=device)).requires_grad_()
+    cos, sin = RotaryEmbedding(HEAD_DIM, 2).to(device)(torch.rand(LENGTH, 2, device=device) * 16)
+    grad = torch.randn_like(x)
+    least_bytes = 2 * 2 * x.numel() + 2 * 3 * x.numel()  # bf16: forward reads x, writes out; backward reads x and grad, writes dx
+
+    def fused(x, weight):
+        return qk_norm_rope.rms_norm_rope(x, weight, cos, sin, 1e-6)
+
+    def reference(x, weight):
+        return qk_norm_rope.rms_norm_rope_reference(x, weight, cos, sin, 1e-6)
+    plain = torch.compile(reference, dynamic=False) if device.type == "cuda" else reference
+    variants: list[tuple[str, Callable[[], None], int | None]] = [
+        ("inductor", forward_backward(plain, [x, weight], grad), None)]
+    if qk_norm_rope.triton_available(device):
+        variants += [(f"rows-{r}", forward_backward(fused, [x, weight], grad), r) for r in ROWS]
+    out, chosen = [], qk_norm_rope.ROWS_PER_PROGRAM
+    for name, step, rows in variants:
+        qk_norm_rope.ROWS_PER_PROGRAM = rows or chosen
+        out.append(_row("qk_norm_rope", name, step, least_bytes, args, device))
+    qk_norm_rope.ROWS_PER_PROGRAM = chosen
+    return out
+
+
+def _row(kernel: str, variant: str, step: Callable[[], None], least_bytes: int, args, device: torch.device) -> dict[str, Any]:
+    ms = measure(step, device, args.warmup, args.reps)["median_s"] * 1e3
+    row = {"kernel": kernel, "variant": variant, "ms": ms, "effective_gb_per_s": least_bytes / ms / 1e6}
+    print(f"{kernel:>13} {variant:>11}: {ms:7.3f} ms  {row['effective_gb_per_s']:7.0f} GB/s", flush=True)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=96)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    rows = swiglu_rows(args, device) + qk_norm_rope_rows(args, device)
+    write_json(args.json, {"benchmark": "pointwise_kernel_sweep", "batch": args.batch, "env": environment(args.device),
+                           "rows": rows})
+
+
+if __name__ == "__main__":
+    main()
