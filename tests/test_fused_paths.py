@@ -52,6 +52,55 @@ def test_fused_linear_cross_entropy_under_bf16_autocast_matches_full_logits():
     torch.testing.assert_close(grad_w, ref_w, rtol=2e-2, atol=2e-3)
 
 
+def test_triton_loss_chunks_match_the_pytorch_ones():
+    """loss_kernel=triton in Triton's CPU interpreter: the loss, logged terms, accuracy and gradients
+    of the PyTorch chunks, with and without label smoothing and z-loss, in float32 and under bf16
+    autocast, over a vocabulary several loop steps wide (the last one partial) and a ragged last chunk."""
+    run_interpreted("""
+        import torch
+        import tessera.nn.cross_entropy_kernel as kernel_module
+        from tessera.nn.fused_cross_entropy import weighted_linear_cross_entropy
+        kernel_module.MAX_BLOCK = 32  # 101 columns: four loop steps
+        calls = []
+        real = kernel_module.triton_cross_entropy_terms
+        import tessera.nn.fused_cross_entropy as fused
+        fused.triton_cross_entropy_terms = lambda *a: calls.append(1) or real(*a)
+        torch.manual_seed(0)
+        for autocast, tol in ((False, 1e-5), (True, 1e-2)):
+            for smoothing, z_loss in ((0.0, 0.0), (0.1, 1e-3)):
+                h = (torch.randn(45, 24) * 2).requires_grad_()
+                weight = torch.randn(101, 24, requires_grad=True)
+                target, row_weight = torch.randint(0, 101, (45,)), torch.rand(45)
+                results = []
+                for kernel in ("torch", "triton"):
+                    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                        loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, row_weight,
+                                                                              smoothing, z_loss, 16, kernel)
+                    results.append((loss, ce, zl, correct, *torch.autograd.grad(2.0 * loss, (h, weight))))
+                for name, want, got in zip(("loss", "ce", "z", "correct"), *results):
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=f"{name} {autocast} {smoothing}")
+                for name, want, got in zip(("grad h", "grad w"), results[0][4:], results[1][4:]):
+                    # the interpreter truncates float32 to bf16 (a GPU rounds): up to one bf16 step per element
+                    assert (got - want).float().norm() <= tol * want.float().norm(), (name, autocast, smoothing)
+        assert len(calls) == 4 * 3, len(calls)  # 45 rows in chunks of 16, four settings: the kernel ran
+    """)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on a GPU; the interpreter test above runs it here")
+def test_triton_loss_chunks_on_a_gpu_match_the_pytorch_ones_in_bf16():
+    torch.manual_seed(0)
+    h = torch.randn(5000, 256, device="cuda", requires_grad=True)
+    weight = (torch.randn(4096, 256, device="cuda") * 0.1).requires_grad_()
+    target, row_weight = torch.randint(0, 4096, (5000,), device="cuda"), torch.rand(5000, device="cuda")
+    results = []
+    for kernel in ("torch", "triton"):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, row_weight, 0.1, 1e-3, 2048, kernel)
+        results.append((loss, ce, zl, correct, *torch.autograd.grad(loss, (h, weight))))
+    for name, want, got in zip(("loss", "ce", "z", "correct", "grad h", "grad w"), *results):
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-4, msg=name)
+
+
 def test_compiled_loss_chunks_match_the_eager_ones():
     """loss_kernel=compiled: the chunk step compiled by Inductor gives the eager chunks' loss, logged
     terms and gradients (a ragged last chunk included); without gradients it computes none."""

@@ -44,8 +44,9 @@ def token_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, label_smoot
 class FusedLossConfig(Config):
     """The fused linear cross-entropy of a token-classifying generator: off (`loss_chunk=0`, full
     logits), or `loss_chunk` rows at a time in PyTorch (`loss_kernel=torch`; `compiled`: each chunk's
-    step compiled by Inductor), or liger-kernel's Triton kernel (`loss_kernel=liger`, CUDA; it picks
-    its own chunk size)."""
+    step compiled by Inductor; `triton`: each chunk's terms and logit gradient by one Triton kernel
+    where Triton runs, the PyTorch step elsewhere), or liger-kernel's Triton kernel
+    (`loss_kernel=liger`, CUDA; it picks its own chunk size)."""
 
     loss_chunk: int = 0
     loss_kernel: LossKernel = "torch"

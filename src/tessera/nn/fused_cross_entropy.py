@@ -14,8 +14,10 @@ from typing import Literal
 
 import torch
 
-LossKernel = Literal["torch", "compiled", "liger"]
-LOSS_KERNELS: tuple[str, ...] = ("torch", "compiled", "liger")
+from .cross_entropy_kernel import cross_entropy_kernel_runs, triton_cross_entropy_terms
+
+LossKernel = Literal["torch", "compiled", "triton", "liger"]
+LOSS_KERNELS: tuple[str, ...] = ("torch", "compiled", "triton", "liger")
 
 
 def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
@@ -43,13 +45,24 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sm
     return ce, lse.pow(2), correct, grad
 
 
+def _triton_chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
+                        z_loss: float, row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`_chunk_terms` by nn/cross_entropy_kernel.py's Triton kernel over the logits as the product
+    wrote them; the PyTorch terms where the kernel does not run."""
+    logits = h @ weight.t()
+    if not cross_entropy_kernel_runs(logits):
+        return _chunk_terms(h, weight, target, smoothing, z_loss, row_weight)
+    return triton_cross_entropy_terms(logits, target, row_weight, smoothing, z_loss)
+
+
 def _chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float, z_loss: float,
-                row_weight: torch.Tensor, want_h: bool, want_w: bool) -> tuple[torch.Tensor | None, ...]:
-    """`_chunk_terms` of one chunk and what it adds to the gradients: the chunk's rows of the
-    features' gradient (in h's dtype; if `want_h`) and its term of the weight's gradient (float32;
-    if `want_w`). The logits' gradient is cast once, to the dtype the matrix products run in
-    (autocast's, else the weight's)."""
-    ce, lse_sq, correct, grad = _chunk_terms(h, weight, target, smoothing, z_loss, row_weight)
+                row_weight: torch.Tensor, want_h: bool, want_w: bool,
+                terms: Callable[..., tuple[torch.Tensor, ...]] = _chunk_terms) -> tuple[torch.Tensor | None, ...]:
+    """`terms` (`_chunk_terms` or its Triton kernel) of one chunk and what it adds to the gradients:
+    the chunk's rows of the features' gradient (in h's dtype; if `want_h`) and its term of the
+    weight's gradient (float32; if `want_w`). The logits' gradient is cast once, to the dtype the
+    matrix products run in (autocast's, else the weight's)."""
+    ce, lse_sq, correct, grad = terms(h, weight, target, smoothing, z_loss, row_weight)
     device = h.device.type
     grad = grad.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
     grad_h = (grad @ weight).to(h.dtype) if want_h else None
@@ -66,9 +79,14 @@ def _compiled_chunk_step() -> Callable[..., tuple[torch.Tensor, ...]]:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk, compiled):  # noqa: D401
+    def forward(ctx, h, weight, target, row_weight, smoothing, z_loss, chunk, kernel):  # noqa: D401
         n = h.shape[0]
-        step = _compiled_chunk_step() if compiled else _chunk_step
+        if kernel == "compiled":
+            step = _compiled_chunk_step()
+        elif kernel == "triton":
+            step = functools.partial(_chunk_step, terms=_triton_chunk_terms)
+        else:
+            step = _chunk_step
         grad_h = torch.empty_like(h) if h.requires_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weight.requires_grad else None
         ce = torch.empty(n, dtype=torch.float32, device=h.device)
@@ -117,15 +135,16 @@ def weighted_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target:
                                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """sum_i row_weight_i * (CE_i + z_loss * log Z_i^2) of logits `h @ weight.T` for features h (N, d),
     targets (N,) and row weights (N,), `chunk` rows at a time (`kernel="torch"`; `"compiled"`: each
-    chunk's step compiled by Inductor) or by liger-kernel's Triton kernel (`"liger"`); also each
-    row's CE and log Z^2 (detached, for logging) and the number of rows whose argmax is the target."""
+    chunk's step compiled by Inductor; `"triton"`: each chunk's terms by nn/cross_entropy_kernel.py,
+    where Triton runs) or by liger-kernel's Triton kernel (`"liger"`); also each row's CE and
+    log Z^2 (detached, for logging) and the number of rows whose argmax is the target."""
     if h.dim() != 2 or target.shape != h.shape[:1] or row_weight.shape != h.shape[:1]:
         raise ValueError(f"features (N, d), targets (N,) and row weights (N,) expected, got {tuple(h.shape)}, "
                          f"{tuple(target.shape)} and {tuple(row_weight.shape)}")
     if kernel == "liger":
         return _liger_rows(h, weight, target, row_weight.float(), label_smoothing, z_loss)
     return _FusedLinearCrossEntropy.apply(h, weight, target, row_weight.float(), label_smoothing, z_loss,
-                                          max(chunk, 1), kernel == "compiled")
+                                          max(chunk, 1), kernel)
 
 
 def fused_linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
