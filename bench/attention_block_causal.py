@@ -24,7 +24,6 @@ CPU smoke:  .venv/bin/python bench/attention_block_causal.py --device cpu --batc
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Callable
@@ -37,7 +36,7 @@ for _p in (_BENCH.parent / "src", _BENCH):
 import torch  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from timing import environment, measure, write_json  # noqa: E402
+from timing import environment, kernel_bench_parser, measure, write_json  # noqa: E402
 
 from tessera.nn.attention import PreparedMask, attend, query_groups  # noqa: E402
 from tessera.nn.masks import AttentionMask  # noqa: E402
@@ -129,18 +128,13 @@ def time_variant(step: Callable, qkv: torch.Tensor, kernel: SDPBackend | None, d
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=32)
+    ap = kernel_bench_parser(__doc__, batch=32)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--scales", default=",".join(map(str, SCALES)), help="side of each scale, coarse to fine")
     ap.add_argument("--variants", default="dense,groups-1,groups-64,groups-128,flex,prefix,full")
     ap.add_argument("--sweep", action="store_true", help="time the prefix kernels per tile configuration")
     ap.add_argument("--kernels", default="default,cudnn,flash,efficient", help="SDPA kernel families to force")
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--json")
     args = ap.parse_args()
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

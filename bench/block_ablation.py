@@ -23,7 +23,6 @@ CPU smoke:  .venv/bin/python bench/block_ablation.py --device cpu --batch 1 --di
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import sys
 from pathlib import Path
@@ -36,7 +35,7 @@ for _p in (_BENCH.parent / "src", _BENCH):
 
 import torch  # noqa: E402
 
-from timing import environment, measure, write_json  # noqa: E402
+from timing import environment, kernel_bench_parser, measure, write_json  # noqa: E402
 
 from tessera.nn import qk_norm_rope  # noqa: E402
 from tessera.nn import trunk as trunk_module  # noqa: E402
@@ -108,15 +107,10 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=32)
+    ap = kernel_bench_parser(__doc__, batch=32)
     ap.add_argument("--dim", type=int, default=1024)
     ap.add_argument("--heads", type=int, default=16)
     ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--json")
     args = ap.parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)

@@ -17,7 +17,6 @@ CPU smoke (the plain rows only):  .venv/bin/python bench/pointwise_kernel_sweep.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -29,7 +28,7 @@ for _p in (_BENCH.parent / "src", _BENCH):
 
 import torch  # noqa: E402
 
-from timing import environment, measure, write_json  # noqa: E402
+from timing import environment, kernel_bench_parser, measure, write_json  # noqa: E402
 
 from tessera.nn import qk_norm_rope, swiglu  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
@@ -53,15 +52,8 @@ def swiglu_rows(args, device: torch.device) -> list[dict[str, Any]]:
     # bf16 bytes: forward reads h13 and writes h (h's size is grad's); backward reads h13 and grad, writes d_h13
     least_bytes = 2 * (h13.numel() + grad.numel()) + 2 * (2 * h13.numel() + grad.numel())
     plain = torch.compile(swiglu.swiglu_reference, dynamic=False) if device.type == "cuda" else swiglu.swiglu_reference
-    variants: list[tuple[str, Callable[[], None], int | None]] = [("inductor", forward_backward(plain, [h13], grad), None)]
-    if swiglu.triton_available(device):
-        variants += [(f"block-{b}", forward_backward(swiglu.swiglu, [h13], grad), b) for b in SWIGLU_BLOCKS]
-    out, chosen = [], swiglu.BLOCK
-    for name, step, block in variants:
-        swiglu.BLOCK = block or chosen
-        out.append(_row("swiglu", name, step, least_bytes, args, device))
-    swiglu.BLOCK = chosen
-    return out
+    return sweep("swiglu", swiglu, "BLOCK", SWIGLU_BLOCKS, forward_backward(plain, [h13], grad),
+                 forward_backward(swiglu.swiglu, [h13], grad), least_bytes, args, device)
 
 
 def qk_norm_rope_rows(args, device: torch.device) -> list[dict[str, Any]]:
@@ -77,16 +69,25 @@ def qk_norm_rope_rows(args, device: torch.device) -> list[dict[str, Any]]:
     def reference(x, weight):
         return qk_norm_rope.rms_norm_rope_reference(x, weight, cos, sin, 1e-6)
     plain = torch.compile(reference, dynamic=False) if device.type == "cuda" else reference
-    variants: list[tuple[str, Callable[[], None], int | None]] = [
-        ("inductor", forward_backward(plain, [x, weight], grad), None)]
-    if qk_norm_rope.triton_available(device):
-        variants += [(f"rows-{r}", forward_backward(fused, [x, weight], grad), r) for r in ROWS]
-    out, chosen = [], qk_norm_rope.ROWS_PER_PROGRAM
-    for name, step, rows in variants:
-        qk_norm_rope.ROWS_PER_PROGRAM = rows or chosen
-        out.append(_row("qk_norm_rope", name, step, least_bytes, args, device))
-    qk_norm_rope.ROWS_PER_PROGRAM = chosen
-    return out
+    return sweep("qk_norm_rope", qk_norm_rope, "ROWS_PER_PROGRAM", ROWS, forward_backward(plain, [x, weight], grad),
+                 forward_backward(fused, [x, weight], grad), least_bytes, args, device)
+
+
+def sweep(kernel: str, module, setting: str, values: tuple[int, ...], plain: Callable[[], None],
+          fused: Callable[[], None], least_bytes: int, args, device: torch.device) -> list[dict[str, Any]]:
+    """Inductor's row, then (where Triton runs) the kernel's under each value of `module.setting`,
+    which is put back afterwards."""
+    rows = [_row(kernel, "inductor", plain, least_bytes, args, device)]
+    if not module.triton_available(device):
+        return rows
+    chosen = getattr(module, setting)
+    try:
+        for value in values:
+            setattr(module, setting, value)
+            rows.append(_row(kernel, f"{setting.lower()}-{value}", fused, least_bytes, args, device))
+    finally:
+        setattr(module, setting, chosen)
+    return rows
 
 
 def _row(kernel: str, variant: str, step: Callable[[], None], least_bytes: int, args, device: torch.device) -> dict[str, Any]:
@@ -97,13 +98,7 @@ def _row(kernel: str, variant: str, step: Callable[[], None], least_bytes: int, 
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--batch", type=int, default=96)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--json")
-    args = ap.parse_args()
+    args = kernel_bench_parser(__doc__, batch=96).parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
     rows = swiglu_rows(args, device) + qk_norm_rope_rows(args, device)

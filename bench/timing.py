@@ -1,6 +1,7 @@
 """Timing and reporting helpers shared by the benchmarks in bench/."""
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -9,6 +10,17 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+
+def kernel_bench_parser(doc: str, batch: int) -> argparse.ArgumentParser:
+    """The arguments every kernel benchmark takes: --device, --batch, --warmup, --reps, --json."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch", type=int, default=batch)
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--json")
+    return ap
 
 
 def sync(device: torch.device) -> None:
