@@ -37,12 +37,12 @@ class EMA:
         decay = torch.clamp((1 + self._updates) / (10 + self._updates), max=self.decay)
         averaged = [k for k, v in values.items() if v.dtype.is_floating_point and not k.startswith(model.ema_follows_live)]
         shadows = [self.shadow[k] for k in averaged]
-        # shadow * (1 - w) + value * w with w a 0-d tensor on the device (0 on a skipped step). Not
-        # foreach lerp: it takes no tensor weight, so the weight would be read back to the host, a sync
-        # that left the GPU idle while the host queued the next step.
+        # lerp towards the values by w, a 0-d tensor on the device (0 on a skipped step): a Python
+        # float weight would be read back to the host, a sync that left the GPU idle while the host
+        # queued the next step. One pass per tensor (read shadow and value, write shadow), where
+        # multiply-then-add made three and a temporary copy of the weights.
         weight = ((1 - decay) * keep).float()
-        torch._foreach_mul_(shadows, 1 - weight)
-        torch._foreach_add_(shadows, torch._foreach_mul([values[k].float() for k in averaged], weight))
+        torch._foreach_lerp_(shadows, [values[k].float() for k in averaged], [weight] * len(shadows))
         for key in values.keys() - set(averaged):
             self.shadow[key].copy_(values[key])
 
