@@ -93,6 +93,15 @@ def timed_steps(step: Callable[[], None], steps: int, device: torch.device) -> t
                                          for k in ALLOCATOR_EVENTS if k in after}
 
 
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def _launches(events: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """The trace's CUDA runtime calls (launches) by correlation id, which their device events carry."""
+    return {e["args"]["correlation"]: e for e in events
+            if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+
+
 def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top: int = 12) -> dict[str, Any]:
     """The GPU's work per step from a chrome trace: the time of each kernel, copy and memset by name
     (`busy`: (name, total us, count)), and its idle time. Each gap of `min_us` or more between device
@@ -100,7 +109,7 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
     below `min_us` (one kernel waiting for the one before it, with the host ahead) are summed apart,
     with the number of device events per step and the time from the first one's start to the last one's end."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
-    device = sorted((e for e in events if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset")), key=lambda e: e["ts"])
+    device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: e["ts"])
     busy: dict[str, list[float]] = {}
     for event in device:
         total, count = busy.get(event["name"], [0.0, 0])
@@ -109,8 +118,7 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
     if not device:
         return {**result, "idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0, "device_events_per_step": 0.0,
                 "span_ms_per_step": 0.0, "by_op": []}
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    launches = _launches(events)
     ops = [e for e in events if e.get("cat") == "cpu_op"]
     charged: dict[str, list[float]] = {}
     end, idle_total, short_total = device[0]["ts"] + device[0]["dur"], 0.0, 0.0
@@ -142,13 +150,13 @@ def time_by_source(trace: dict[str, Any], steps: int, top: int = 30) -> list[dic
     for e in events:
         if e.get("cat") == "python_function" and ("tessera/" in e["name"] or "bench/" in e["name"]):
             frames.setdefault(e["tid"], []).append(e)
-    starts = {tid: [f["ts"] for f in sorted(fs, key=lambda f: f["ts"])] for tid, fs in frames.items()}
-    frames = {tid: sorted(fs, key=lambda f: f["ts"]) for tid, fs in frames.items()}
-    launches = {e["args"]["correlation"]: e for e in events
-                if e.get("cat") == "cuda_runtime" and "correlation" in e.get("args", {})}
+    for fs in frames.values():
+        fs.sort(key=lambda f: f["ts"])
+    starts = {tid: [f["ts"] for f in fs] for tid, fs in frames.items()}
+    launches = _launches(events)
     charged: Counter[str] = Counter()
     for event in events:
-        if event.get("cat") not in ("kernel", "gpu_memcpy", "gpu_memset"):
+        if event.get("cat") not in DEVICE_CATEGORIES:
             continue
         launch = launches.get(event.get("args", {}).get("correlation"))
         site = "(no repository frame)"

@@ -78,8 +78,8 @@ def test_without_triton_the_plain_ops_run():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernels run on a GPU; the interpreter tests above run them here")
 def test_compiled_block_on_a_gpu_matches_the_plain_block_in_bf16():
-    """One compiled VAR-shaped block in bf16 autocast, fused against plain: outputs and gradients
-    agree to bf16 rounding."""
+    """One compiled VAR-shaped block in bf16 autocast, fused (QK-norm + RoPE, SwiGLU) against plain:
+    outputs and gradients agree to bf16 rounding."""
     assert_compiled_blocks_agree(("sdpa", "sdpa"), group_rows=64)
 
 

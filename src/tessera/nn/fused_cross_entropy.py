@@ -15,20 +15,21 @@ from typing import Literal
 import torch
 
 from .cross_entropy_kernel import cross_entropy_kernel_runs, triton_cross_entropy_terms
+from .layers import autocast_dtype
 
 LossKernel = Literal["torch", "compiled", "triton", "liger"]
 LOSS_KERNELS: tuple[str, ...] = ("torch", "compiled", "triton", "liger")
 
 
-def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
-                 z_loss: float, row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Per-row CE and log Z^2 of one chunk, its correct count, and the gradient of
-    sum(row_weight * (CE + z_loss * log Z^2)) with respect to its logits (float32).
+def _chunk_terms(logits: torch.Tensor, target: torch.Tensor, smoothing: float, z_loss: float,
+                 row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-row CE and log Z^2 of one chunk's (N, V) logits, its correct count, and the gradient of
+    sum(row_weight * (CE + z_loss * log Z^2)) with respect to the logits (float32).
 
     Written for few passes over the chunk's float32 logits: one log-softmax, log Z from the target's
     column (its logit minus its log-probability), the terms of label smoothing and z-loss only when
     they are on, and the gradient built in place in the log-probabilities' memory."""
-    logits = (h @ weight.t()).float()
+    logits = logits.float()
     correct = (logits.argmax(-1) == target).sum()
     column = target[:, None]
     log_probs = torch.log_softmax(logits, -1)
@@ -45,13 +46,12 @@ def _chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, sm
     return ce, lse.pow(2), correct, grad
 
 
-def _triton_chunk_terms(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smoothing: float,
-                        z_loss: float, row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def _triton_chunk_terms(logits: torch.Tensor, target: torch.Tensor, smoothing: float, z_loss: float,
+                        row_weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`_chunk_terms` by nn/cross_entropy_kernel.py's Triton kernel over the logits as the product
     wrote them; the PyTorch terms where the kernel does not run."""
-    logits = h @ weight.t()
     if not cross_entropy_kernel_runs(logits):
-        return _chunk_terms(h, weight, target, smoothing, z_loss, row_weight)
+        return _chunk_terms(logits, target, smoothing, z_loss, row_weight)
     return triton_cross_entropy_terms(logits, target, row_weight, smoothing, z_loss)
 
 
@@ -62,9 +62,8 @@ def _chunk_step(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, smo
     the chunk's rows of the features' gradient (in h's dtype; if `want_h`) and its term of the
     weight's gradient (float32; if `want_w`). The logits' gradient is cast once, to the dtype the
     matrix products run in (autocast's, else the weight's)."""
-    ce, lse_sq, correct, grad = terms(h, weight, target, smoothing, z_loss, row_weight)
-    device = h.device.type
-    grad = grad.to(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype)
+    ce, lse_sq, correct, grad = terms(h @ weight.t(), target, smoothing, z_loss, row_weight)
+    grad = grad.to(autocast_dtype(h.device.type) or weight.dtype)
     grad_h = (grad @ weight).to(h.dtype) if want_h else None
     grad_w = (grad.t() @ h.to(grad.dtype)).float() if want_w else None
     return ce, lse_sq, correct, grad_h, grad_w

@@ -28,6 +28,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return y.type_as(x)
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this device type, None when autocast is off."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
 def swiglu_hidden(dim: int, mlp_ratio: float, multiple_of: int) -> int:
     """LLaMA's hidden width: 2/3 of mlp_ratio*dim, rounded up to `multiple_of`."""
     hidden = int(2 * mlp_ratio * dim / 3)

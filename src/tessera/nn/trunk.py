@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import Config, ConfigError, check_range
 from .attention import BACKENDS, PreparedMask, attend, prepare_mask
 from .cache import KVCache
-from .layers import AdaLNModulation, RMSNorm, SwiGLU, modulate, swiglu_hidden
+from .layers import AdaLNModulation, RMSNorm, SwiGLU, autocast_dtype, modulate, swiglu_hidden
 from .masks import AttentionMask
 from .qk_norm_rope import rms_norm_rope, rms_norm_rope_reference
 from .qkv_attention import qkv_prefix_attention, qkv_prefix_attention_supported
@@ -178,7 +178,7 @@ class Trunk(nn.Module):
             kv_pos = torch.arange(kv_len or cache.max_len, device=x.device)
             prepared = prepare_mask(mask, positions, kv_pos, self.config.attention, full_sequence=False)
         rope = self.rope(rope_positions.to(x.device))
-        if self.config.bf16_residual and _autocast_dtype(x.device.type) == torch.bfloat16:
+        if self.config.bf16_residual and autocast_dtype(x.device.type) == torch.bfloat16:
             x = x.to(torch.bfloat16)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
@@ -191,11 +191,6 @@ class Trunk(nn.Module):
             shift, scale = self.final_ada(cond)
             x = modulate(x, shift, scale)
         return x
-
-
-def _autocast_dtype(device_type: str) -> torch.dtype | None:
-    """The dtype autocast computes in on this device type, None when autocast is off."""
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
 def _init_linear_weights(module: nn.Module) -> None:
