@@ -13,9 +13,7 @@ with torch.compile (as the trunk's blocks are) and timed for forward + backward:
   some rows see);
 - `full`: unmasked attention over all positions, a reference speed (a different result).
 
-`--sweep` times the prefix kernels alone under each tile configuration in SWEEP instead: the
-forward, the two-kernel backward with one kernel's tiles varied, and the atomic backward (whose
-time includes its rowsum(dO * O) kernel and the rounding of dQ to the inputs' dtype).
+`--sweep` times the prefix kernels alone under each tile configuration in SWEEP instead.
 
 SDPA variants also run with each kernel family forced (cudnn, flash, efficient); one that cannot
 take the inputs (flash takes no mask) is reported with its error. TFLOP/s count the dense
@@ -71,13 +69,11 @@ SWEEP = {  # (block_m, block_n, num_warps, num_stages)
                     (64, 128, 8, 2)],
     "backward_q": [(64, 32, 4, 3), (64, 32, 4, 4), (64, 32, 4, 5), (128, 32, 4, 4), (128, 32, 8, 4),
                    (128, 32, 8, 5), (64, 16, 4, 3), (128, 64, 8, 4)],
-    "backward_atomic": [(32, 128, 4, 3), (32, 128, 4, 4), (32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 4, 3),
-                        (32, 64, 4, 3), (64, 64, 4, 3), (16, 128, 4, 3), (64, 128, 8, 2), (128, 128, 8, 2)],
 }
 
 
 def sweep_tiles(qkv: torch.Tensor, sizes: list[int], heads: int, device: torch.device, warmup: int,
-                reps: int, kernels: list[str]) -> list[dict]:
+                reps: int) -> list[dict]:
     """The prefix kernels alone (forward; backward with one kernel's tiles varied) per tile configuration."""
     b, length, width = qkv.shape
     q, k, v = qkv.detach().view(b, length, 3, heads, width // (3 * heads)).permute(2, 0, 3, 1, 4)
@@ -85,18 +81,17 @@ def sweep_tiles(qkv: torch.Tensor, sizes: list[int], heads: int, device: torch.d
     out, lse = pa.triton_prefix_attention(q, k, v, mask.kv_end)
     grad = torch.randn_like(out)
     rows = []
-    for kernel in kernels:
-        for config in SWEEP[kernel]:
+    for kernel, configs in SWEEP.items():
+        for config in configs:
             tiles = pa.TileConfig(*config)
             if kernel == "forward":
                 fn = lambda: pa.triton_prefix_attention(q, k, v, mask.kv_end, tiles)  # noqa: E731
-            elif kernel == "backward_atomic":
+            elif kernel == "backward_kv":
                 fn = lambda: pa.triton_prefix_attention_backward(grad, q, k, v, out, lse, mask.kv_end,  # noqa: E731
-                                                                 mask.first_rows, kv_tiles=tiles, way="atomic")
+                                                                 mask.first_rows, kv_tiles=tiles)
             else:
-                fn = lambda: pa.triton_prefix_attention_backward(  # noqa: E731
-                    grad, q, k, v, out, lse, mask.kv_end, mask.first_rows, way="two-kernel",
-                    **{"kv_tiles" if kernel == "backward_kv" else "q_tiles": tiles})
+                fn = lambda: pa.triton_prefix_attention_backward(grad, q, k, v, out, lse, mask.kv_end,  # noqa: E731
+                                                                 mask.first_rows, q_tiles=tiles)
             row = {"kernel": kernel, "tiles": list(config)}
             try:
                 row["ms"] = measure(fn, device, warmup, reps)["median_s"] * 1e3
@@ -139,7 +134,6 @@ def main() -> None:
     ap.add_argument("--scales", default=",".join(map(str, SCALES)), help="side of each scale, coarse to fine")
     ap.add_argument("--variants", default="dense,groups-1,groups-64,groups-128,flex,prefix,full")
     ap.add_argument("--sweep", action="store_true", help="time the prefix kernels per tile configuration")
-    ap.add_argument("--sweep-kernels", default=",".join(SWEEP), help="which of SWEEP's kernels --sweep times")
     ap.add_argument("--kernels", default="default,cudnn,flash,efficient", help="SDPA kernel families to force")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -154,8 +148,7 @@ def main() -> None:
         write_json(args.json, {"benchmark": "prefix_attention_tiles", "batch": args.batch, "heads": args.heads,
                                "head_dim": args.head_dim, "length": length, "sizes": sizes,
                                "env": environment(args.device),
-                               "rows": sweep_tiles(qkv, sizes, args.heads, device, args.warmup, args.reps,
-                                                  args.sweep_kernels.split(","))})
+                               "rows": sweep_tiles(qkv, sizes, args.heads, device, args.warmup, args.reps)})
         return
     masks = prepared_masks(sizes, device)
     rows, reference = [], None

@@ -38,7 +38,6 @@ import torch  # noqa: E402
 
 from timing import environment, write_json  # noqa: E402
 
-from tessera.nn import prefix_attention  # noqa: E402
 from tessera.train.ema import EMA  # noqa: E402
 from tessera.train.step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag  # noqa: E402
 from tessera.train.trainer import compile_arguments  # noqa: E402
@@ -216,13 +215,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--bf16-residual", action="store_true", help="trunk.bf16_residual: the residual stream in bf16")
     p.add_argument("--plain-swiglu", action="store_true", help="trunk.fused_swiglu=false: SwiGLU as plain ops")
     p.add_argument("--compile-tuning", action="store_true", help="train.compile_tuning: coordinate-descent tuning")
-    p.add_argument("--attention-backward", choices=prefix_attention.BACKWARD_WAYS, default=prefix_attention.BACKWARD,
-                   help="the prefix kernels' backward (nn/prefix_attention.py's BACKWARD)")
     p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--by-source", action="store_true", help="record Python stacks; GPU time by this repository's launching line")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
-    prefix_attention.BACKWARD = args.attention_backward
     shape = SHAPES[args.shape]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build(shape, args.loss_chunk, device, trunk={"fused_qk_rope": not args.plain_qk_rope,
@@ -285,7 +281,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "loss_kernel": args.loss_kernel, "bf16_residual": args.bf16_residual,
               "fused_swiglu": not args.plain_swiglu, "compile_tuning": args.compile_tuning,
-              "attention_backward": args.attention_backward,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
               "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,

@@ -15,7 +15,7 @@ from triton_interpreter import needs_runtime_loop_bounds, run_interpreted
 @needs_runtime_loop_bounds
 def test_kernels_match_the_reference_in_value_and_gradient():
     """Block-causal, causal and a query suffix over a longer key sequence; tiles that fit the
-    length exactly and ragged last tiles; the trunk's strided q/k/v layout; both backwards."""
+    length exactly and ragged last tiles; the trunk's strided q/k/v layout."""
     out = run_interpreted("""
         import torch
         from tessera.nn.prefix_attention import (PrefixMask, TileConfig, prefix_attention_reference,
@@ -38,11 +38,9 @@ def test_kernels_match_the_reference_in_value_and_gradient():
             torch.testing.assert_close(got, want, atol=2e-5, rtol=2e-5)
             grad = torch.randn_like(want)
             wants = torch.autograd.grad(want, leaves, grad)
-            for way in ("atomic", "two-kernel"):
-                gots = triton_prefix_attention_backward(grad, q, k, v, got, lse, mask.kv_end, mask.first_rows,
-                                                        tiles, tiles, way=way)
-                for name, g, w in zip("qkv", gots, wants):
-                    torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=f"{way} d{name}")
+            gots = triton_prefix_attention_backward(grad, q, k, v, got, lse, mask.kv_end, mask.first_rows, tiles, tiles)
+            for name, g, w in zip("qkv", gots, wants):
+                torch.testing.assert_close(g, w, atol=2e-5, rtol=2e-5, msg=name)
             print(lq % tiles.block_m, kv_len % tiles.block_n)
     """)
     remainders = [int(r) for r in out.split()]
@@ -137,14 +135,3 @@ def test_kernels_on_a_gpu_match_sdpa_in_bf16_at_var_d16_shape():
     for name, got, base, want in zip(("out", "dq", "dk", "dv"), kernel, sdpa, exact):
         error, sdpa_error = (got - want).norm() / want.norm(), (base - want).norm() / want.norm()
         assert error <= 2 * sdpa_error + 1e-3, (name, float(error), float(sdpa_error))
-
-
-def test_deterministic_mode_selects_the_two_kernel_backward(monkeypatch):
-    """The atomic backward's float32 sums vary in order; deterministic algorithms take the other."""
-    import tessera.nn.prefix_attention as pa
-    assert pa.backward_way() == pa.BACKWARD == "atomic"
-    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
-    assert pa.backward_way() == "two-kernel"
-    monkeypatch.setattr(pa, "BACKWARD", "fast")
-    with pytest.raises(ValueError, match="BACKWARD must be one of"):
-        pa.backward_way()

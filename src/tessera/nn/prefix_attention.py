@@ -10,13 +10,9 @@ and tiles it cannot see are never loaded. The same holds in the backward, which 
 key tile, only the query tiles that see it. There they take 0.2 ms forward and 0.57 ms backward.
 
 The algorithm is FlashAttention-2's: an online softmax over key tiles in the forward, which
-saves the per-row log-sum-exp; the backward recomputes the probabilities from it. The backward
-comes two ways. `atomic` (the default): one kernel per key tile computes dK and dV and adds each
-query tile's share of dQ into a float32 buffer with atomic adds, after a small kernel for
-rowsum(dO * O): five matrix products and one exponential per visible score, but float32 sums in
-an order that varies run to run. `two-kernel`: one kernel per query tile (dQ, and rowsum(dO * O))
-and one per key tile (dK, dV), seven products and two exponentials, deterministic; it runs when
-`torch.use_deterministic_algorithms(True)` is on or `BACKWARD` says so. Scores and sums are float32; the probabilities are cast to the inputs'
+saves the per-row log-sum-exp; a backward of two kernels, one per query tile (dQ, and
+rowsum(dO * O) for the other) and one per key tile (dK, dV), recomputing the probabilities from
+the saved log-sum-exp. Scores and sums are float32; the probabilities are cast to the inputs'
 dtype for the matmuls with V and dO. On a GPU the kernels take bf16 and fp16 inputs (float32
 ones, whose matmuls would run in TF32, go to the reference).
 
@@ -57,9 +53,6 @@ class TileConfig:
 FORWARD_TILES = TileConfig(64, 64, 4, 3)
 BACKWARD_KV_TILES = TileConfig(32, 128, 4, 3)
 BACKWARD_Q_TILES = TileConfig(64, 32, 4, 3)
-DELTA_ROWS = 64  # query rows per program of the atomic backward's rowsum(dO * O) kernel
-BACKWARD_WAYS = ("atomic", "two-kernel")
-BACKWARD = "atomic"
 
 
 @dataclass(frozen=True, eq=False)
@@ -198,31 +191,14 @@ def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     return out, lse
 
 
-def backward_way() -> str:
-    """The backward this call runs: `BACKWARD`, or `two-kernel` under deterministic algorithms."""
-    if BACKWARD not in BACKWARD_WAYS:
-        raise ValueError(f"prefix_attention.BACKWARD must be one of {BACKWARD_WAYS}, got {BACKWARD!r}")
-    return "two-kernel" if torch.are_deterministic_algorithms_enabled() else BACKWARD
-
-
 def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, kv_end: torch.Tensor,
                                      first_rows: torch.Tensor, kv_tiles: TileConfig = BACKWARD_KV_TILES,
                                      q_tiles: TileConfig = BACKWARD_Q_TILES,
-                                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                                     way: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                     grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward kernels: dQ, dK, dV, each by default a (B, H, L, D) view of (B, L, H, D) memory;
-    `grads` names the three (B, H, L, D) tensors to write instead (dK and dV with equal strides).
-    `way` is `atomic` or `two-kernel` (default: `backward_way()`); `atomic` ignores `q_tiles`."""
-    way = way or backward_way()
-    if way == "atomic":
-        grad_q = grads[0] if grads else empty_rows_major(q)
-        grad_k, grad_v = grads[1:] if grads else (empty_rows_major(k), empty_rows_major(v))
-        grad_q.copy_(prefix_attention_backward_atomic(grad, q, k, v, out, lse, kv_end, first_rows, grad_k, grad_v,
-                                                      kv_tiles))
-        return grad_q, grad_k, grad_v
-    if way != "two-kernel":
-        raise ValueError(f"way must be one of {BACKWARD_WAYS}, got {way!r}")
+    `grads` names the three (B, H, L, D) tensors to write instead (dK and dV with equal strides)."""
     _check(q, k, v, kv_end)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
@@ -230,7 +206,9 @@ def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: tor
     lk = k.shape[2]
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the dQ kernel
     grad_q, grad_k, grad_v = grads or (empty_rows_major(q), empty_rows_major(k), empty_rows_major(v))
-    _check_grads(q, k, grad_q, grad_k, grad_v)
+    if (grad_q.shape != q.shape or grad_k.shape != k.shape or grad_v.stride() != grad_k.stride()
+            or grad_q.stride(-1) != 1 or grad_k.stride(-1) != 1):
+        raise ValueError("the gradients to write must be shaped like q, k and v, dK and dV with equal strides")
     sm_scale = 1.0 / math.sqrt(d)
     common = (h, lq, lk, *_strides(q), *_strides(k), *_strides(v), *_strides(grad), sm_scale * math.log2(math.e))
     _prefix_attention_backward_q[(triton.cdiv(lq, q_tiles.block_m), b * h)](
@@ -238,42 +216,10 @@ def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: tor
         HEAD_DIM=d, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
         num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
     _prefix_attention_backward_kv[(triton.cdiv(lk, kv_tiles.block_n), b * h)](
-        q, k, v, grad, lse, delta, kv_end, first_rows, grad_k, grad_v, grad_q, *common, *_strides(grad_k),
-        *_strides(grad_q), sm_scale, HEAD_DIM=d, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n,
-        GRANULE=ROW_GRANULE, ATOMIC_DQ=False, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages)
+        q, k, v, grad, lse, delta, kv_end, first_rows, grad_k, grad_v, *common, *_strides(grad_k), sm_scale,
+        HEAD_DIM=d, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, GRANULE=ROW_GRANULE,
+        num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages)
     return grad_q, grad_k, grad_v
-
-
-def prefix_attention_backward_atomic(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                     out: torch.Tensor, lse: torch.Tensor, kv_end: torch.Tensor,
-                                     first_rows: torch.Tensor, grad_k: torch.Tensor, grad_v: torch.Tensor,
-                                     tiles: TileConfig = BACKWARD_KV_TILES) -> torch.Tensor:
-    """The atomic backward: writes dK and dV into `grad_k` and `grad_v` and returns dQ in float32, a
-    (B, H, L, D) view of (B, L, H, D) memory (callers round it, or read it as it is)."""
-    _check(q, k, v, kv_end)
-    if grad.stride(-1) != 1:
-        grad = grad.contiguous()
-    b, h, lq, d = q.shape
-    lk = k.shape[2]
-    grad_q = q.new_zeros(b, lq, h, d, dtype=torch.float32).transpose(1, 2)
-    _check_grads(q, k, grad_q, grad_k, grad_v)
-    delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)
-    _backward_delta[(triton.cdiv(lq, DELTA_ROWS), b * h)](grad, out, delta, h, lq, *_strides(grad), *_strides(out),
-                                                         HEAD_DIM=d, BLOCK_M=DELTA_ROWS)
-    sm_scale = 1.0 / math.sqrt(d)
-    _prefix_attention_backward_kv[(triton.cdiv(lk, tiles.block_n), b * h)](
-        q, k, v, grad, lse, delta, kv_end, first_rows, grad_k, grad_v, grad_q, h, lq, lk, *_strides(q),
-        *_strides(k), *_strides(v), *_strides(grad), sm_scale * math.log2(math.e), *_strides(grad_k),
-        *_strides(grad_q), sm_scale, HEAD_DIM=d, BLOCK_M=tiles.block_m, BLOCK_N=tiles.block_n, GRANULE=ROW_GRANULE,
-        ATOMIC_DQ=True, num_warps=tiles.num_warps, num_stages=tiles.num_stages)
-    return grad_q
-
-
-def _check_grads(q: torch.Tensor, k: torch.Tensor, grad_q: torch.Tensor, grad_k: torch.Tensor,
-                 grad_v: torch.Tensor) -> None:
-    if (grad_q.shape != q.shape or grad_k.shape != k.shape or grad_v.stride() != grad_k.stride()
-            or grad_q.stride(-1) != 1 or grad_k.stride(-1) != 1):
-        raise ValueError("the gradients to write must be shaped like q, k and v, dK and dV with equal strides")
 
 
 if triton is not None:
@@ -352,11 +298,10 @@ if triton is not None:
         tl.store(Lse + bh.to(tl.int64) * lq + rows, m_i + tl.log2(l_i), mask=row_ok)
 
     @triton.jit
-    def _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, GradQ, q_base, g_base, dq_base, row_base,
-                           row_start, row_stop, lq, keys, offs_m, cols, stride_ql, stride_gl, stride_dql, sm_scale,
-                           qk_scale, MASKED: tl.constexpr, BLOCK_M: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-        """dK and dV of one key tile from query tiles [row_start, row_stop); MASKED applies key < kv_end[row];
-        ATOMIC_DQ adds each query tile's dQ share into the float32 GradQ."""
+    def _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, q_base, g_base, row_base, row_start, row_stop,
+                           lq, keys, offs_m, cols, stride_ql, stride_gl, qk_scale,
+                           MASKED: tl.constexpr, BLOCK_M: tl.constexpr):
+        """dK and dV of one key tile from query tiles [row_start, row_stop); MASKED applies key < kv_end[row]."""
         for start_m in range(row_start, row_stop, BLOCK_M):
             rows = start_m + offs_m
             row_ok = rows < lq
@@ -370,21 +315,17 @@ if triton is not None:
             dv += tl.dot(p_t.to(g.dtype), g)
             delta = tl.load(Delta + row_base + rows, mask=row_ok, other=0.0)
             dp_t = tl.dot(v, tl.trans(g))
-            ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-            dk += tl.dot(ds_t, tl.trans(q))
-            if ATOMIC_DQ:
-                dq = tl.dot(tl.trans(ds_t), k) * sm_scale
-                tl.atomic_add(GradQ + dq_base + rows[:, None] * stride_dql + cols[None, :], dq,
-                              mask=row_ok[:, None], sem="relaxed")
+            ds_t = p_t * (dp_t - delta[None, :])
+            dk += tl.dot(ds_t.to(q.dtype), tl.trans(q))
         return dk, dv
 
     @triton.jit
-    def _prefix_attention_backward_kv(Q, K, V, G, Lse, Delta, KvEnd, FirstRows, GradK, GradV, GradQ, n_heads,
-                                      lq, lk, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
+    def _prefix_attention_backward_kv(Q, K, V, G, Lse, Delta, KvEnd, FirstRows, GradK, GradV, n_heads, lq, lk,
+                                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                                       stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
-                                      stride_ob, stride_oh, stride_ol, stride_dqb, stride_dqh, stride_dql, sm_scale,
+                                      stride_ob, stride_oh, stride_ol, sm_scale,
                                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      GRANULE: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+                                      GRANULE: tl.constexpr):
         bh = tl.program_id(1)
         start_n = tl.program_id(0) * BLOCK_N
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -399,30 +340,16 @@ if triton is not None:
         all_seen = tl.minimum(first_seen + tl.cdiv(all_seen - first_seen, BLOCK_M) * BLOCK_M, lq)
         q_base = _head_base(bh, n_heads, stride_qb, stride_qh)
         g_base = _head_base(bh, n_heads, stride_gb, stride_gh)
-        dq_base = _head_base(bh, n_heads, stride_dqb, stride_dqh)
         row_base = bh.to(tl.int64) * lq
         dk = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
         dv = tl.zeros([BLOCK_N, HEAD_DIM], tl.float32)
-        dk, dv = _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, GradQ, q_base, g_base, dq_base, row_base,
-                                    first_seen, all_seen, lq, keys, offs_m, cols, stride_ql, stride_gl, stride_dql,
-                                    sm_scale, qk_scale, True, BLOCK_M, ATOMIC_DQ)
-        dk, dv = _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, GradQ, q_base, g_base, dq_base, row_base,
-                                    all_seen, lq, lq, keys, offs_m, cols, stride_ql, stride_gl, stride_dql,
-                                    sm_scale, qk_scale, False, BLOCK_M, ATOMIC_DQ)
+        dk, dv = _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, q_base, g_base, row_base, first_seen,
+                                    all_seen, lq, keys, offs_m, cols, stride_ql, stride_gl, qk_scale, True, BLOCK_M)
+        dk, dv = _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, q_base, g_base, row_base, all_seen,
+                                    lq, lq, keys, offs_m, cols, stride_ql, stride_gl, qk_scale, False, BLOCK_M)
         out_offsets = _tile_offsets(bh, n_heads, keys, cols, stride_ob, stride_oh, stride_ol)
         tl.store(GradK + out_offsets, (dk * sm_scale).to(GradK.dtype.element_ty), mask=key_ok[:, None])
         tl.store(GradV + out_offsets, dv.to(GradV.dtype.element_ty), mask=key_ok[:, None])
-
-    @triton.jit
-    def _backward_delta(G, Out, Delta, n_heads, lq, stride_gb, stride_gh, stride_gl, stride_ob, stride_oh, stride_ol,
-                        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
-        """rowsum(dO * O) of BLOCK_M query rows of one head, in float32."""
-        bh = tl.program_id(1)
-        rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols = tl.arange(0, HEAD_DIM)
-        g = _load_tile(G, bh, n_heads, rows, cols, stride_gb, stride_gh, stride_gl, lq).to(tl.float32)
-        o = _load_tile(Out, bh, n_heads, rows, cols, stride_ob, stride_oh, stride_ol, lq).to(tl.float32)
-        tl.store(Delta + bh.to(tl.int64) * lq + rows, tl.sum(o * g, 1), mask=rows < lq)
 
     @triton.jit
     def _backward_q_tiles(dq, q, g, lse, delta, ends, K, V, k_base, v_base, kv_start, kv_stop, offs_n, cols,

@@ -3,10 +3,9 @@
 Run as their parts (`rms_norm_rope` on q and k, then `prefix_attention`), the backward leaves
 dQ, dK and dV in three tensors, which autograd stacks and copies into the (B, L, 3, H, D)
 gradient of the QKV projection's output: 4.2 ms of a 219 ms VAR-d16 training step at batch 96 on
-an H100 (bench/train_step_profile.py). Here the attention backward writes dK and dV straight
-into slices of that one packed gradient, and the QK-norm + RoPE backward turns dQ (the atomic
-backward's float32 sums, or the two-kernel backward's dQ slice) and dK into the gradients of the
-raw q and k there. The same kernels run as in the parts, so values and
+an H100 (bench/train_step_profile.py). Here the attention backward writes dQ, dK and dV straight
+into slices of that one packed gradient, and the QK-norm + RoPE backward turns dQ and dK into the
+gradients of the raw q and k in place. The same kernels run as in the parts, so values and
 gradients are theirs.
 
 On CUDA it runs as the custom op `tessera::qkv_prefix_attention` (opaque to torch.compile, its
@@ -17,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .prefix_attention import (PrefixMask, backward_way, empty_rows_major, prefix_attention_backward_atomic,
-                               prefix_attention_supported, triton_prefix_attention, triton_prefix_attention_backward)
+from .prefix_attention import (PrefixMask, empty_rows_major, prefix_attention_supported,
+                               triton_prefix_attention, triton_prefix_attention_backward)
 from .qk_norm_rope import triton_rms_norm_rope, triton_rms_norm_rope_backward
 
 
@@ -71,12 +70,8 @@ def _backward_op(grad: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torc
     q_raw, k_raw, v = _heads(qkv)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
     grad_q, grad_k, grad_v = _heads(grad_qkv)
-    if backward_way() == "atomic":  # the QK-norm + RoPE backward reads dQ's float32 sums as they are
-        dq = prefix_attention_backward_atomic(grad, q, k, v, out, lse, kv_end, first_rows, grad_k, grad_v)
-    else:
-        dq, _, _ = triton_prefix_attention_backward(grad, q, k, v, out, lse, kv_end, first_rows,
-                                                    grads=(grad_q, grad_k, grad_v), way="two-kernel")
-    _, grad_q_weight = triton_rms_norm_rope_backward(dq, q_raw, q_weight, cos, sin, eps, grad_x=grad_q)
+    triton_prefix_attention_backward(grad, q, k, v, out, lse, kv_end, first_rows, grads=(grad_q, grad_k, grad_v))
+    _, grad_q_weight = triton_rms_norm_rope_backward(grad_q, q_raw, q_weight, cos, sin, eps, grad_x=grad_q)
     _, grad_k_weight = triton_rms_norm_rope_backward(grad_k, k_raw, k_weight, cos, sin, eps, grad_x=grad_k)
     return grad_qkv, grad_q_weight, grad_k_weight
 
