@@ -214,7 +214,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
     p.add_argument("--bf16-residual", action="store_true", help="trunk.bf16_residual: the residual stream in bf16")
     p.add_argument("--plain-swiglu", action="store_true", help="trunk.fused_swiglu=false: SwiGLU as plain ops")
-    p.add_argument("--compile-tuning", action="store_true", help="train.compile_tuning: coordinate-descent tuning")
+    p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=True,
+                   help="train.compile_tuning: Inductor's coordinate-descent tuning (the trainer's default: on)")
     p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--by-source", action="store_true", help="record Python stacks; GPU time by this repository's launching line")
     p.add_argument("--json", default=None)

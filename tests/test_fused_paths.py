@@ -88,17 +88,21 @@ def test_triton_loss_chunks_match_the_pytorch_ones():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on a GPU; the interpreter test above runs it here")
 def test_triton_loss_chunks_on_a_gpu_match_the_pytorch_ones_in_bf16():
+    """Under bf16 autocast both chunk steps round the logits' gradient to bf16 (at different points,
+    so single elements differ by a bf16 step): each value's error against float32 math is the
+    PyTorch chunks' own, within 1%."""
     torch.manual_seed(0)
     h = torch.randn(5000, 256, device="cuda", requires_grad=True)
     weight = (torch.randn(4096, 256, device="cuda") * 0.1).requires_grad_()
     target, row_weight = torch.randint(0, 4096, (5000,), device="cuda"), torch.rand(5000, device="cuda")
     results = []
-    for kernel in ("torch", "triton"):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+    for kernel, autocast in (("torch", False), ("torch", True), ("triton", True)):
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss, ce, zl, correct = weighted_linear_cross_entropy(h, weight, target, row_weight, 0.1, 1e-3, 2048, kernel)
-        results.append((loss, ce, zl, correct, *torch.autograd.grad(loss, (h, weight))))
-    for name, want, got in zip(("loss", "ce", "z", "correct", "grad h", "grad w"), *results):
-        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-4, msg=name)
+        results.append([t.detach().float() for t in (loss, ce, zl, correct, *torch.autograd.grad(loss, (h, weight)))])
+    for name, exact, plain, got in zip(("loss", "ce", "z", "correct", "grad h", "grad w"), *results):
+        error, plain_error = (got - exact).norm() / exact.norm(), (plain - exact).norm() / exact.norm()
+        assert error <= 1.01 * plain_error + 1e-6, (name, float(error), float(plain_error))
 
 
 def test_compiled_loss_chunks_match_the_eager_ones():
@@ -316,11 +320,12 @@ def test_compile_mode_and_tuning_reach_every_block(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(Block, "compile", lambda self, *args, **kwargs: calls.append(kwargs))
     recipe = tiny_recipe(tmp_path, images=8, train={"steps": 1, "ckpt_every": 1})
-    train(recipe.with_overrides([f"out={tmp_path / 'run'}", "train.compile=true",
+    train(recipe.with_overrides([f"out={tmp_path / 'run'}", "train.compile=true", "train.compile_tuning=false",
                                  "train.compile_mode=max-autotune-no-cudagraphs"]), progress=False)
     assert calls and all(kwargs == {"mode": "max-autotune-no-cudagraphs"} for kwargs in calls)
     calls.clear()
-    train(recipe.with_overrides([f"out={tmp_path / 'tuned'}", "train.compile=true", "train.compile_tuning=true",
+    assert recipe.train.compile_tuning  # on by default
+    train(recipe.with_overrides([f"out={tmp_path / 'tuned'}", "train.compile=true",
                                  "train.compile_mode=reduce-overhead"]), progress=False)
     assert calls and all(kwargs == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
                          for kwargs in calls)

@@ -29,7 +29,7 @@ try:
 except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
-ROWS_PER_PROGRAM = 32
+ROWS_PER_PROGRAM = 64
 
 
 def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -23,7 +23,7 @@ try:
 except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
-BLOCK = 1024  # columns per program
+BLOCK = 512  # columns per program
 
 
 def swiglu_reference(h13: torch.Tensor) -> torch.Tensor:
