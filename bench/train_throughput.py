@@ -47,9 +47,11 @@ FUSED = ["train.compile=true", "model.config.loss_chunk=8192"]  # compiled block
 GRAPHS = "train.compile_mode=reduce-overhead"
 B64 = "train.batch_size=64"
 B96 = "train.batch_size=96"
+B128 = "train.batch_size=128"
 PLAIN_QK_ROPE = "model.config.trunk.fused_qk_rope=false"
 BF16_RESIDUAL = "model.config.trunk.bf16_residual=true"
-TUNED = "train.compile_tuning=true"
+TUNED = "train.compile_tuning=true"  # the default since the fourth 2026-12-07 session; rows named so predate it
+UNTUNED = "train.compile_tuning=false"
 QUERY_GROUPS = ["model.config.trunk.attention=sdpa", "model.config.trunk.attention_group_rows=64"]
 ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "compiled": ["train.compile=true"],
@@ -64,15 +66,16 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         "fused-b96-graphs": [*FUSED, B96, GRAPHS],
         "fused-b64-bf16-residual": [*FUSED, B64, BF16_RESIDUAL],
         "fused-b96-bf16-residual": [*FUSED, B96, BF16_RESIDUAL],
-        "fused-b128-bf16-residual": [*FUSED, "train.batch_size=128", BF16_RESIDUAL],
+        "fused-b128-bf16-residual": [*FUSED, B128, BF16_RESIDUAL],
         "fused-b96-bf16-residual-graphs": [*FUSED, B96, BF16_RESIDUAL, GRAPHS],
         "fused-b96-bf16-residual-compiled-loss": [*FUSED, B96, BF16_RESIDUAL,
                                                   "model.config.loss_kernel=compiled"],
         "fused-b96-bf16-residual-triton-loss": [*FUSED, B96, BF16_RESIDUAL, "model.config.loss_kernel=triton"],
         "fused-b96-bf16-residual-plain-swiglu": [*FUSED, B96, BF16_RESIDUAL, "model.config.trunk.fused_swiglu=false"],
         "fused-b96-bf16-residual-tuned": [*FUSED, B96, BF16_RESIDUAL, TUNED],
-        "fused-b128-bf16-residual-tuned": [*FUSED, "train.batch_size=128", BF16_RESIDUAL, TUNED],
-        "fused-b128-bf16-residual-tuned-triton-loss": [*FUSED, "train.batch_size=128", BF16_RESIDUAL, TUNED,
+        "fused-b96-bf16-residual-untuned": [*FUSED, B96, BF16_RESIDUAL, UNTUNED],
+        "fused-b128-bf16-residual-tuned": [*FUSED, B128, BF16_RESIDUAL, TUNED],
+        "fused-b128-bf16-residual-tuned-triton-loss": [*FUSED, B128, BF16_RESIDUAL, TUNED,
                                                        "model.config.loss_kernel=triton"],
         "fused-b144-bf16-residual-tuned-triton-loss": [*FUSED, "train.batch_size=144", BF16_RESIDUAL, TUNED,
                                                        "model.config.loss_kernel=triton"],
