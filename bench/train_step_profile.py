@@ -44,6 +44,7 @@ from tessera.train.trainer import compile_arguments  # noqa: E402
 from train_throughput import SHAPES  # noqa: E402
 
 CAPTION = "a red circle left of a blue square"
+STEP_RANGE = "tessera_profiled_step"  # the profiler annotation around each profiled step
 GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm", "mm_"),
           "attention": ("flash", "fmha", "attention", "cudnn", "sdpa", "efficient")}  # incl. _prefix_attention_*
 
@@ -107,7 +108,9 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
     (`busy`: (name, total us, count)), and its idle time. Each gap of `min_us` or more between device
     events is charged to the two innermost CPU ops around the launch of the work that ends it; the gaps
     below `min_us` (one kernel waiting for the one before it, with the host ahead) are summed apart,
-    with the number of device events per step and the time from the first one's start to the last one's end."""
+    with the number of device events per step and the time from the first one's start to the last one's end;
+    `idle_ms_by_step` splits the long gaps by the step (a `STEP_RANGE` annotation) that launched the work
+    ending them (the first step starts from an idle GPU after a sync)."""
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X"]
     device = sorted((e for e in events if e.get("cat") in DEVICE_CATEGORIES), key=lambda e: e["ts"])
     busy: dict[str, list[float]] = {}
@@ -117,9 +120,11 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
     result = {"busy": sorted(((name, t, n) for name, (t, n) in busy.items()), key=lambda row: -row[1])}
     if not device:
         return {**result, "idle_ms_per_step": 0.0, "short_gaps_ms_per_step": 0.0, "device_events_per_step": 0.0,
-                "span_ms_per_step": 0.0, "by_op": []}
+                "span_ms_per_step": 0.0, "idle_ms_by_step": [], "by_op": []}
     launches = _launches(events)
     ops = [e for e in events if e.get("cat") == "cpu_op"]
+    step_starts = sorted(e["ts"] for e in events if e.get("name") == STEP_RANGE and e.get("cat") == "user_annotation")
+    by_step = [0.0] * max(len(step_starts), 1)
     charged: dict[str, list[float]] = {}
     end, idle_total, short_total = device[0]["ts"] + device[0]["dur"], 0.0, 0.0
     for event in device[1:]:
@@ -129,6 +134,8 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
         if idle >= min_us:
             idle_total += idle
             launch = launches.get(event.get("args", {}).get("correlation"))
+            if launch and step_starts:
+                by_step[max(bisect.bisect_right(step_starts, launch["ts"]) - 1, 0)] += idle
             inside = sorted((op for op in ops if launch and op["tid"] == launch["tid"]
                              and op["ts"] <= launch["ts"] <= op["ts"] + op["dur"]), key=lambda op: op["dur"])
             name = " < ".join(op["name"][:60] for op in inside[:2]) or "(no launching op found)"
@@ -138,6 +145,7 @@ def device_timeline(trace: dict[str, Any], steps: int, min_us: float = 10.0, top
     by_op = sorted(charged.items(), key=lambda item: -item[1][0])[:top]
     return {**result, "idle_ms_per_step": idle_total / 1e3 / steps, "short_gaps_ms_per_step": short_total / 1e3 / steps,
             "device_events_per_step": len(device) / steps, "span_ms_per_step": (end - device[0]["ts"]) / 1e3 / steps,
+            "idle_ms_by_step": [t / 1e3 for t in by_step],
             "by_op": [{"op": name, "idle_ms_per_step": t / 1e3 / steps, "gaps_per_step": n / steps}
                       for name, (t, n) in by_op]}
 
@@ -262,7 +270,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           if device.type == "cuda" else [])
     with torch.profiler.profile(activities=activities, with_stack=args.by_source and device.type == "cuda") as prof:
         for _ in range(args.steps):
-            step()
+            with torch.profiler.record_function(STEP_RANGE):
+                step()
         if device.type == "cuda":
             torch.cuda.synchronize()
     with tempfile.TemporaryDirectory() as tmp:
@@ -297,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print("allocator per step: " + ", ".join(f"{k} {v:g}" for k, v in allocator.items()))
     for row in result["top"]:
         print(f"{row['share']:6.1%}  x{row['calls_per_step']:<6.0f} {row['kernel'][:120]}")
-    print(f"under the profiler the GPU's work spans {gaps['span_ms_per_step']:.1f} ms per step")
+    print(f"under the profiler the GPU's work spans {gaps['span_ms_per_step']:.1f} ms per step; long gaps by step (ms): "
+          + ", ".join(f"{t:.1f}" for t in gaps["idle_ms_by_step"]))
     print(f"GPU idle between its {gaps['device_events_per_step']:.0f} kernels and copies per step: "
           f"{gaps['short_gaps_ms_per_step']:.1f} ms in gaps under 10 us; {gaps['idle_ms_per_step']:.1f} ms in longer "
           "ones, by the op that launched the work after them:")

@@ -1,4 +1,6 @@
 """Throughput accounting: analytic training FLOPs vs FlopCounterMode, GPU peaks, the meter."""
+import time
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
@@ -149,9 +151,25 @@ def test_meter_reports_rates_and_resets():
     meter.update(6)
     meter.update(4)
     meter.start -= 2.0  # 10 local samples in (about) 2 s
-    report = meter.report()
+    window = meter.close_window()
+    meter.update(100)  # counted in the next window
     expected = {"samples_per_s": 20.0, "tokens_per_s": 320.0, "tflops_per_s": 5.0, "mfu": 0.5}
-    assert report == pytest.approx(expected, rel=1e-3)
-    assert meter.samples == 0 and meter.report()["samples_per_s"] == 0.0  # a new window
+    assert window.rates() == pytest.approx(expected, rel=1e-3)
+    assert meter.samples == 100
     no_peak = ThroughputMeter(1e12, peak_flops=None, num_processes=1, device=torch.device("cpu"))
-    assert set(no_peak.report()) == {"samples_per_s", "tflops_per_s"}
+    assert set(no_peak.close_window().rates()) == {"samples_per_s", "tflops_per_s"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA events time the window on a GPU; the CPU test above times it on the host")
+def test_meter_times_a_gpu_window_without_waiting_for_it():
+    meter = ThroughputMeter(1e12, peak_flops=None, num_processes=1, device=torch.device("cuda"))
+    torch.cuda.synchronize()
+    meter.start_event.record()
+    torch.cuda._sleep(int(2e9))  # about a second of GPU work at 1.5-2 GHz
+    meter.update(10)
+    host_start = time.perf_counter()
+    window = meter.close_window()
+    closing = time.perf_counter() - host_start
+    seconds = window.seconds()
+    assert closing < 0.1 * seconds  # closing did not wait for the GPU
+    assert window.rates()["samples_per_s"] == pytest.approx(10 / seconds) and seconds > 0.2

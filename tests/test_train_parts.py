@@ -1,6 +1,7 @@
 """Trainer parts: EMA arithmetic, the lr schedule, checkpoint pruning and the latest pointer, and
 skipping non-finite steps on the device."""
 import math
+import time
 import warnings
 
 import pytest
@@ -104,13 +105,32 @@ def test_a_non_finite_step_changes_neither_weights_nor_ema_and_is_judged_one_ste
 
 def test_logged_means_sum_in_float32_and_leave_out_skipped_steps():
     window = LoggedMeans()
-    assert window.pop() == {}
+    assert window.close().means() == {}
     window.add({"loss": torch.tensor(7.0, dtype=torch.bfloat16)}, torch.tensor(False))
-    assert window.pop() == {}  # only a skipped step so far: no means, the window goes on
+    assert window.close().means() == {}  # only a skipped step: no means
+    window.add({"loss": torch.tensor(9.0), "grad_norm": 5.0}, torch.tensor(False))  # skipped: weighs 0
     for step in range(10):
         window.add({"loss": torch.tensor(6.7 + 0.01 * step, dtype=torch.bfloat16), "grad_norm": 2.0},
                    torch.tensor(True))
     expected = float(sum(torch.tensor(6.7 + 0.01 * s, dtype=torch.bfloat16).float() for s in range(10))) / 10
-    means = window.pop()
+    closed = window.close()
+    window.add({"loss": torch.tensor(1.0), "grad_norm": 1.0}, torch.tensor(True))  # the next window
+    means = closed.means()
     assert means["loss"] == pytest.approx(expected, abs=1e-5) and means["grad_norm"] == 2.0
-    assert window.pop() == {}
+    assert window.close().means() == {"loss": 1.0, "grad_norm": 1.0}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the copy off the GPU is what is tested; the CPU test above covers the sums")
+def test_logged_means_close_a_gpu_window_without_waiting_for_it():
+    window, device = LoggedMeans(), torch.device("cuda")
+    window.add({"loss": torch.tensor(1.0, device=device)}, torch.tensor(True, device=device))
+    window.close().means()  # the first pinned host block is allocated (cudaHostAlloc may wait); later ones are reused
+    window.add({"loss": torch.tensor(3.0, device=device)}, torch.tensor(True, device=device))
+    torch.cuda._sleep(int(1e9))  # GPU work queued after the step
+    window.add({"loss": torch.tensor(5.0, device=device)}, torch.tensor(True, device=device))
+    host_start = time.perf_counter()
+    closed = window.close()
+    closing = time.perf_counter() - host_start
+    waiting = time.perf_counter()
+    assert closed.means() == {"loss": 4.0}
+    assert closing < 0.1 * (time.perf_counter() - waiting)  # closing did not wait; reading did

@@ -42,14 +42,7 @@ class NonFiniteSteps:
 
     def record(self, step: int, finite: torch.Tensor, loss: torch.Tensor) -> None:
         """Note `step`'s flag and loss (copied off the device without waiting), then judge the step before it."""
-        values = torch.stack([finite.float(), loss.detach().float()])
-        if values.is_cuda:
-            host = torch.empty(2, pin_memory=True)
-            host.copy_(values, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record()
-        else:
-            host, done = values, None
+        host, done = _copy_to_host(torch.stack([finite.float(), loss.detach().float()]))
         previous, self._pending = self._pending, (step, host, done)
         if previous is not None:
             self._judge(*previous)
@@ -79,7 +72,7 @@ class NonFiniteSteps:
 class LoggedMeans:
     """Means of the logged values (loss, gradient norm, ...) over a logging window, summed on the device
     in float32 (a bf16 loss, as FSDP's mixed precision gives, summed in bf16 would round to 0.5 near 70);
-    a skipped step weighs 0, so adding a step needs no host sync."""
+    a skipped step weighs 0, so adding a step needs no host sync, and neither does closing a window."""
 
     def __init__(self) -> None:
         self.sums: dict[str, torch.Tensor] = {}
@@ -92,12 +85,37 @@ class LoggedMeans:
             self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value, 0.0)
         self.count = self.count + finite
 
-    def pop(self) -> dict[str, float]:
-        """The window's means (a host sync), and a new window; {} while every step in it was skipped,
-        and the window then goes on."""
-        counted = int(self.count)
-        if not counted:
-            return {}
-        means = {key: float(total) / counted for key, total in self.sums.items()}
+    def close(self) -> "ClosedMeans":
+        """End this window (its sums copied off the device without waiting) and start a new one."""
+        keys = list(self.sums)
+        values = torch.stack([*(self.sums[k] for k in keys), torch.as_tensor(self.count, dtype=torch.float32)]) \
+            if keys else torch.zeros(1)
         self.sums, self.count = {}, 0
-        return means
+        return ClosedMeans(keys, *_copy_to_host(values))
+
+
+def _copy_to_host(values: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """A host copy of `values` and, for a GPU tensor, the event after which the copy is complete."""
+    if not values.is_cuda:
+        return values, None
+    host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+    host.copy_(values, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record()
+    return host, done
+
+
+class ClosedMeans:
+    """A closed window of LoggedMeans; `means()` waits for its copy."""
+
+    def __init__(self, keys: list[str], host: torch.Tensor, done: torch.cuda.Event | None):
+        self.keys, self.host, self.done = keys, host, done
+
+    def means(self) -> dict[str, float]:
+        """The window's means; {} when it had no steps or only skipped ones."""
+        if self.done is not None:
+            self.done.synchronize()
+        counted = float(self.host[-1])
+        if not self.keys or not counted:
+            return {}
+        return {key: float(total) / counted for key, total in zip(self.keys, self.host.tolist())}

@@ -138,7 +138,10 @@ def _layout(model: nn.Module) -> tuple[int, float]:
 
 
 class ThroughputMeter:
-    """Samples/s, tokens/s, achieved TFLOP/s per GPU, MFU and peak memory over a logging window."""
+    """Samples/s, tokens/s, achieved TFLOP/s per GPU, MFU and peak memory over a logging window.
+
+    On a GPU the window is timed by CUDA events around its queued work, so closing it does not make
+    the host wait for the GPU: `close_window()` returns the window, whose rates are read later."""
 
     def __init__(self, flops_per_sample: float, peak_flops: float | None, num_processes: int = 1,
                  tokens_per_sample: int | None = None, device: torch.device | None = None):
@@ -151,6 +154,7 @@ class ThroughputMeter:
     def _reset(self) -> None:
         self.samples = 0
         self.start = time.perf_counter()
+        self.start_event = _recorded_event() if self.cuda else None
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
 
@@ -158,20 +162,49 @@ class ThroughputMeter:
         """Count `samples` trained on this process."""
         self.samples += samples
 
-    def report(self) -> dict[str, float]:
-        """Rates since the last report (samples/s and tokens/s over all processes, TFLOP/s and MFU
-        per GPU, peak memory in GB = 1e9 bytes on this GPU); starts a new window."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        local = self.samples / elapsed
-        achieved = local * self.flops_per_sample
-        out = {"samples_per_s": local * self.num_processes}
-        if self.flops_per_sample:
-            out["tflops_per_s"] = achieved / 1e12
-        if self.tokens_per_sample:
-            out["tokens_per_s"] = out["samples_per_s"] * self.tokens_per_sample
-        if self.peak_flops and self.flops_per_sample:
-            out["mfu"] = achieved / self.peak_flops
-        if self.cuda:
-            out["peak_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+    def close_window(self) -> "MeteredWindow":
+        """End the window at the work queued so far and start a new one; its rates are read later."""
+        window = MeteredWindow(self, self.samples, self.start, time.perf_counter(), self.start_event,
+                               _recorded_event() if self.cuda else None,
+                               torch.cuda.max_memory_allocated(self.device) if self.cuda else None)
         self._reset()
+        return window
+
+
+def _recorded_event() -> torch.cuda.Event:
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+class MeteredWindow:
+    """One closed window of a ThroughputMeter; `rates()` waits for its GPU work to end."""
+
+    def __init__(self, meter: ThroughputMeter, samples: int, start: float, end: float,
+                 start_event: torch.cuda.Event | None, end_event: torch.cuda.Event | None, peak_bytes: int | None):
+        self.meter, self.samples, self.start, self.end = meter, samples, start, end
+        self.start_event, self.end_event, self.peak_bytes = start_event, end_event, peak_bytes
+
+    def seconds(self) -> float:
+        """The window's length: GPU time between its events on a GPU, host time otherwise."""
+        if self.end_event is not None:
+            self.end_event.synchronize()
+            return self.start_event.elapsed_time(self.end_event) / 1e3
+        return self.end - self.start
+
+    def rates(self) -> dict[str, float]:
+        """Samples/s and tokens/s over all processes, TFLOP/s and MFU per GPU, peak memory in GB
+        (1e9 bytes) on this GPU."""
+        meter = self.meter
+        local = self.samples / max(self.seconds(), 1e-9)
+        achieved = local * meter.flops_per_sample
+        out = {"samples_per_s": local * meter.num_processes}
+        if meter.flops_per_sample:
+            out["tflops_per_s"] = achieved / 1e12
+        if meter.tokens_per_sample:
+            out["tokens_per_s"] = out["samples_per_s"] * meter.tokens_per_sample
+        if meter.peak_flops and meter.flops_per_sample:
+            out["mfu"] = achieved / meter.peak_flops
+        if self.peak_bytes is not None:
+            out["peak_mem_gb"] = self.peak_bytes / 1e9
         return out

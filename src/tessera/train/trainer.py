@@ -9,6 +9,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -38,9 +39,9 @@ from .partitions import move_optimizer_partitions, saved_worlds
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
-from .step_guard import LoggedMeans, NonFiniteSteps, arm_skip, finite_flag
+from .step_guard import ClosedMeans, LoggedMeans, NonFiniteSteps, arm_skip, finite_flag
 from .stop import StopRequest
-from .throughput import ThroughputMeter, peak_flops, training_flops_per_sample
+from .throughput import MeteredWindow, ThroughputMeter, peak_flops, training_flops_per_sample
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
 
 TEXT_TOKENIZER_AUTO = "auto"
@@ -343,6 +344,31 @@ def _batches(loader: Iterable[dict[str, Any]]) -> Iterator[Iterator[dict[str, An
             shutdown()
 
 
+@dataclass
+class LoggedWindow:
+    """A closed logging window: the step that closed it, the learning rate then, its means and rates."""
+
+    step: int
+    lr: float
+    means: ClosedMeans
+    rates: MeteredWindow
+
+
+def _write_log(logged: LoggedWindow, accelerator: Accelerator, run_dir: Path, bar: tqdm) -> dict[str, Any]:
+    """Log a closed window (TensorBoard, `log.jsonl`, the progress bar); its metrics, or {} when every
+    step in it was skipped."""
+    means = logged.means.means()
+    if not means:
+        return {}
+    metrics = {**means, "lr": logged.lr, **logged.rates.rates()}
+    accelerator.log(metrics, step=logged.step)
+    if accelerator.is_main_process:
+        with open(run_dir / LOG_FILE, "a") as log:
+            log.write(json.dumps({"step": logged.step, **metrics}) + "\n")
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+    return metrics
+
+
 def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data, step, run_dir, progress,
           layout: Zero3Layout | FsdpLayout | None, write_partition: Callable[[Path], None] | None):
     t = recipe.train
@@ -355,6 +381,7 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
     slots = accelerator.num_processes * max(recipe.data.num_workers, 1)
     positions: dict[int, Position] = {}
     window = LoggedMeans()
+    logged: LoggedWindow | None = None
     graphs = t.compile and t.compile_mode in ("reduce-overhead", "max-autotune")
     bad_steps = NonFiniteSteps(t.max_bad_steps)
     metrics: dict[str, Any] = {}
@@ -387,8 +414,8 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                             optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 meter.update(_batch_size(batch))
-                for key, value in {"loss": loss.detach(), **logs}.items():
-                    step_logs[key] = step_logs.get(key, 0.0) + value / t.grad_accum  # float32 in LoggedMeans
+                for key, value in {"loss": loss.detach(), **logs}.items():  # summed in float32 by LoggedMeans
+                    step_logs[key] = value if t.grad_accum == 1 else step_logs.get(key, 0.0) + value / t.grad_accum
             step += 1
             scheduler.step()
             bar.update(1)
@@ -397,16 +424,16 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
             bad_steps.record(step, finite, loss)  # judges the previous step
             last = step == t.steps or stop.requested
             log_now, save_now = step % t.log_every == 0 or last, step % t.ckpt_every == 0 or last
-            if log_now or save_now:
+            if save_now:
                 bad_steps.settle()
-            means = window.pop() if log_now else {}
-            if means:
-                metrics = {**means, "lr": scheduler.get_last_lr()[0], **meter.report()}
-                accelerator.log(metrics, step=step)
-                if accelerator.is_main_process:
-                    with open(run_dir / LOG_FILE, "a") as log:
-                        log.write(json.dumps({"step": step, **metrics}) + "\n")
-                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+            ready = [logged] if logged else []  # closed a step ago: its GPU work is done, reading it waits little
+            # A window closed now is read a step later (reading it now would wait for the GPU), unless none follows.
+            logged = LoggedWindow(step, scheduler.get_last_lr()[0], window.close(), meter.close_window()) \
+                if log_now else None
+            if logged and (last or save_now):
+                ready, logged = ready + [logged], None
+            for closed in ready:
+                metrics = _write_log(closed, accelerator, run_dir, bar) or metrics
             if save_now:
                 data_position = _data_position(accelerator, positions, slots)
                 states = gather_object([rng_state()])  # every rank's RNG, in rank order
