@@ -50,9 +50,11 @@ GROUPS = {"matmul": ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "addmm",
 
 
 def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
-          trunk: dict[str, Any] | None = None, loss_kernel: str = "torch", tuning: bool = False) -> torch.nn.Module:
+          trunk: dict[str, Any] | None = None, loss_kernel: str = "torch", tuning: bool = False,
+          pdl: bool = False) -> torch.nn.Module:
     """The next-scale generator of `train_throughput.py`'s recipe, on `device`, trunk compiled (with
-    Inductor's coordinate-descent tuning if `tuning`); `trunk` overrides trunk settings."""
+    Inductor's coordinate-descent tuning if `tuning`, programmatic dependent launch if `pdl`); `trunk`
+    overrides trunk settings."""
     from tessera.registry import build_model
     from tessera.tokenizers.text import train_text_tokenizer
     torch.manual_seed(0)
@@ -66,7 +68,7 @@ def build(shape: dict[str, Any], loss_chunk: int, device: torch.device,
                             loss_kernel=loss_kernel if loss_chunk else "torch",
                             trunk={**shape["trunk"], **(trunk or {})})
     model.to(device).train()
-    model.trunk.compile(**compile_arguments("default", tuning))
+    model.trunk.compile(**compile_arguments("default", tuning, pdl))
     return model
 
 
@@ -224,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plain-swiglu", action="store_true", help="trunk.fused_swiglu=false: SwiGLU as plain ops")
     p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="train.compile_tuning: Inductor's coordinate-descent tuning (the trainer's default: on)")
+    p.add_argument("--pdl", action="store_true", help="train.compile_pdl: Inductor's programmatic dependent launch")
     p.add_argument("--sync-debug", action="store_true", help="also list where a step waits for the GPU (CUDA only)")
     p.add_argument("--by-source", action="store_true", help="record Python stacks; GPU time by this repository's launching line")
     p.add_argument("--json", default=None)
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           "attention_group_rows": args.group_rows,
                                                           "bf16_residual": args.bf16_residual,
                                                           "fused_swiglu": not args.plain_swiglu},
-                  loss_kernel=args.loss_kernel, tuning=args.compile_tuning)
+                  loss_kernel=args.loss_kernel, tuning=args.compile_tuning, pdl=args.pdl)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
     b = args.batch or shape["batch"]
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "loss_kernel": args.loss_kernel, "bf16_residual": args.bf16_residual,
-              "fused_swiglu": not args.plain_swiglu, "compile_tuning": args.compile_tuning,
+              "fused_swiglu": not args.plain_swiglu, "compile_tuning": args.compile_tuning, "pdl": args.pdl,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
               "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,

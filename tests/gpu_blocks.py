@@ -2,10 +2,11 @@
 import torch
 
 
-def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0) -> None:
+def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0,
+                                 fused_options: dict | None = None) -> None:
     """Two blocks with the same weights, plain QK-norm + RoPE and SwiGLU under attention backend
-    `backends[0]` and the fused kernels under `backends[1]`, compiled: outputs and gradients agree to
-    bf16 rounding."""
+    `backends[0]` and the fused kernels under `backends[1]` (compiled with Inductor `fused_options`),
+    compiled: outputs and gradients agree to bf16 rounding."""
     from tessera.nn.attention import prepare_mask
     from tessera.nn.masks import AttentionMask
     from tessera.nn.rope import RotaryEmbedding
@@ -22,9 +23,9 @@ def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0)
     rope = RotaryEmbedding(64, 2).cuda()(torch.rand(pos.numel(), 2, device="cuda") * 16)
     x, cond = torch.randn(4, pos.numel(), 256, device="cuda"), torch.randn(4, 256, device="cuda")
     results = []
-    for block, backend in zip(blocks, backends, strict=True):
+    for block, backend, options in zip(blocks, backends, (None, fused_options), strict=True):
         prepared = prepare_mask(mask, pos, pos, backend, full_sequence=True, group_rows=group_rows)
-        compiled = torch.compile(block)
+        compiled = torch.compile(block, options=options)
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = compiled(x, rope, prepared, cond, None, 0, None, None)
         grads = torch.autograd.grad(out.float().square().mean(), list(block.parameters()))

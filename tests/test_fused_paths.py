@@ -329,5 +329,10 @@ def test_compile_mode_and_tuning_reach_every_block(tmp_path, monkeypatch):
                                  "train.compile_mode=reduce-overhead"]), progress=False)
     assert calls and all(kwargs == {"options": {"triton.cudagraphs": True, "coordinate_descent_tuning": True}}
                          for kwargs in calls)
+    calls.clear()
+    assert not recipe.train.compile_pdl  # off by default
+    train(recipe.with_overrides([f"out={tmp_path / 'pdl'}", "train.compile=true", "train.compile_tuning=false",
+                                 "train.compile_pdl=true"]), progress=False)
+    assert calls and all(kwargs == {"options": {"triton.enable_pdl": True}} for kwargs in calls)
     with pytest.raises(ConfigError, match="compile_mode"):
         recipe.with_overrides(["train.compile_mode=fastest"])

@@ -77,3 +77,12 @@ def test_compiled_block_on_a_gpu_with_the_packed_op_matches_the_plain_block_in_b
     """One compiled VAR-shaped block in bf16 autocast on the packed op against plain ops and SDPA
     with the dense mask: outputs and gradients agree to bf16 rounding."""
     assert_compiled_blocks_agree(("sdpa", "triton"))  # the packed op runs on the prefix kernels
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="programmatic dependent launch needs a Hopper GPU")
+def test_compiled_block_on_a_gpu_with_dependent_launches_matches_the_plain_block_in_bf16():
+    """train.compile_pdl: the fused block compiled with Inductor's programmatic dependent launch
+    (its kernels start early and wait only for the kernel they read from) agrees with the plain one."""
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("programmatic dependent launch needs compute capability 9.0 (Hopper) or newer")
+    assert_compiled_blocks_agree(("sdpa", "triton"), fused_options={"triton.enable_pdl": True})

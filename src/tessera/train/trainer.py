@@ -253,16 +253,23 @@ def _configure_trunk(model: TesseraModel, recipe: Recipe, zero3: bool) -> None:
                           f"{recipe.model.kind} has none")
     trunk.activation_checkpointing = t.activation_checkpointing
     if t.compile:
-        trunk.compile(**compile_arguments(t.compile_mode, t.compile_tuning))  # in place: parameter names unchanged
+        # in place: parameter names unchanged
+        trunk.compile(**compile_arguments(t.compile_mode, t.compile_tuning, t.compile_pdl))
 
 
-def compile_arguments(mode: str, tuning: bool) -> dict[str, Any]:
+def compile_arguments(mode: str, tuning: bool, pdl: bool = False) -> dict[str, Any]:
     """torch.compile's arguments for `mode`, with Inductor's coordinate-descent tuning added if `tuning`
-    (torch.compile takes a mode or options, not both: the mode's options are spelled out)."""
-    if not tuning:
+    and programmatic dependent launch if `pdl` (torch.compile takes a mode or options, not both: the
+    mode's options are spelled out)."""
+    if not (tuning or pdl):
         return {"mode": mode}
     from torch._inductor import list_mode_options
-    return {"options": {**list_mode_options(mode), "coordinate_descent_tuning": True}}
+    options = dict(list_mode_options(mode))
+    if tuning:
+        options["coordinate_descent_tuning"] = True
+    if pdl:
+        options["triton.enable_pdl"] = True
+    return {"options": options}
 
 
 def _restore(ckpt: Path, model: TesseraModel, ema: EMA, optimizer, scheduler, rank: int,
