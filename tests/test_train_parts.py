@@ -125,9 +125,10 @@ def test_logged_means_close_a_gpu_window_without_waiting_for_it():
     window, device = LoggedMeans(), torch.device("cuda")
     window.add({"loss": torch.tensor(1.0, device=device)}, torch.tensor(True, device=device))
     window.close().means()  # the first pinned host block is allocated (cudaHostAlloc may wait); later ones are reused
-    window.add({"loss": torch.tensor(3.0, device=device)}, torch.tensor(True, device=device))
-    torch.cuda._sleep(int(1e9))  # GPU work queued after the step
-    window.add({"loss": torch.tensor(5.0, device=device)}, torch.tensor(True, device=device))
+    losses, finite = torch.tensor([3.0, 5.0], device=device), torch.tensor(True, device=device)
+    window.add({"loss": losses[0]}, finite)
+    torch.cuda._sleep(int(1e9))  # GPU work queued after the step (a tensor made from a number here would wait for it)
+    window.add({"loss": losses[1]}, finite)
     host_start = time.perf_counter()
     closed = window.close()
     closing = time.perf_counter() - host_start
