@@ -81,6 +81,8 @@ class LoggedMeans:
     def add(self, values: dict[str, torch.Tensor | float], finite: torch.Tensor) -> None:
         """Add one step's `values`, weighted by its finite flag."""
         for key, value in values.items():
+            if hasattr(value, "full_tensor"):  # FSDP's gradient norm, a replicated DTensor
+                value = value.full_tensor()
             value = torch.as_tensor(value, dtype=torch.float32, device=finite.device)
             self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value, 0.0)
         self.count = self.count + finite
