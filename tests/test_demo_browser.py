@@ -68,6 +68,19 @@ def replace_text(element, text: str) -> None:
     element.send_keys(text)
 
 
+def loaded_image(browser):
+    """The result image once the browser has loaded it, else False (for WebDriverWait). The image
+    is looked up on each try: the page may swap the <img> element after the timing text updates."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        image = browser.find_element(By.CSS_SELECTOR, "#result img")
+        return image if browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) \
+            else False
+    except StaleElementReferenceException:
+        return False
+
+
 def screenshot(browser, name: str) -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / name
@@ -84,8 +97,7 @@ def test_type_a_prompt_click_generate_and_get_the_image(browser, page_url):
     timing = browser.find_element(By.CSS_SELECTOR, "#timing textarea")
     wait.until(lambda b: "generated in" in timing.get_attribute("value"))
     assert TIMING.match(timing.get_attribute("value")) and "(maskgit, seed 0)" in timing.get_attribute("value")
-    image = browser.find_element(By.CSS_SELECTOR, "#result img")
-    wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+    image = wait.until(loaded_image)
     shown = browser.execute_script("return [arguments[0].naturalWidth, arguments[0].naturalHeight]", image)
     assert shown == [IMAGE_SIZE, IMAGE_SIZE]
     with urllib.request.urlopen(image.get_attribute("src"), timeout=10) as response:
@@ -121,7 +133,6 @@ def test_the_shipped_default_model_in_the_page(browser, tmp_path):
         timing = browser.find_element(By.CSS_SELECTOR, "#timing textarea")
         wait.until(lambda b: "generated in" in timing.get_attribute("value"))
         assert f"({DEFAULT_MODEL}, seed 0)" in timing.get_attribute("value")
-        image = browser.find_element(By.CSS_SELECTOR, "#result img")
-        wait.until(lambda b: b.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image))
+        image = wait.until(loaded_image)
         assert browser.execute_script("return arguments[0].naturalWidth", image) == 64
         screenshot(browser, "demo_default_model.png")
