@@ -70,15 +70,27 @@ def replace_text(element, text: str) -> None:
 
 def loaded_image(browser):
     """The result image once the browser has loaded it, else False (for WebDriverWait). The image
-    is looked up on each try: the page may swap the <img> element after the timing text updates."""
+    is looked up on each try (the page may swap the <img> element after the timing text updates) and
+    scrolled into view (a lazily loaded image outside the viewport is never fetched)."""
     from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     try:
         image = browser.find_element(By.CSS_SELECTOR, "#result img")
-        return image if browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image) \
-            else False
+        loaded = browser.execute_script("arguments[0].scrollIntoView({block: 'center'}); "
+                                        "return arguments[0].complete && arguments[0].naturalWidth", image)
+        return image if loaded else False
     except StaleElementReferenceException:
         return False
+
+
+def toast_texts(browser) -> list[str]:
+    """The texts of the error toasts shown, read at once (a toast re-renders while it fades in)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    try:
+        return [t.text for t in browser.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if t.text]
+    except StaleElementReferenceException:
+        return []
 
 
 def screenshot(browser, name: str) -> Path:
@@ -117,8 +129,7 @@ def test_invalid_input_shows_its_message_in_the_page(browser, page_url, prompt, 
     replace_text(browser.find_element(By.CSS_SELECTOR, "#prompt textarea"), prompt)
     replace_text(browser.find_element(By.CSS_SELECTOR, "#steps input"), steps)
     browser.find_element(By.CSS_SELECTOR, "#generate").click()
-    toast = wait.until(lambda b: [t for t in b.find_elements(By.CSS_SELECTOR, "[data-testid='toast-text']") if t.text])
-    assert toast[0].text == message
+    assert wait.until(toast_texts)[0] == message
     assert "Traceback" not in browser.page_source
     screenshot(browser, f"demo_error_{'prompt' if not prompt else 'steps'}.png")
 
