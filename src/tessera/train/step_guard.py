@@ -14,13 +14,15 @@ import warnings
 import torch
 
 
+def plain_norm(norm: torch.Tensor | float | None) -> torch.Tensor | float | None:
+    """The gradient norm as a plain tensor (under FSDP clipping returns a replicated DTensor)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def finite_flag(norm: torch.Tensor | float | None, device: torch.device) -> torch.Tensor:
-    """0-d bool on `device`: the gradient norm is finite (`None`: DeepSpeed before its first step; under
-    FSDP the norm is a replicated DTensor)."""
+    """0-d bool on `device`: the gradient norm is finite (`None`: DeepSpeed before its first step)."""
     if norm is None:
         return torch.ones((), dtype=torch.bool, device=device)
-    if hasattr(norm, "full_tensor"):
-        norm = norm.full_tensor()
     return torch.isfinite(torch.as_tensor(norm, device=device))
 
 
@@ -81,8 +83,6 @@ class LoggedMeans:
     def add(self, values: dict[str, torch.Tensor | float], finite: torch.Tensor) -> None:
         """Add one step's `values`, weighted by its finite flag."""
         for key, value in values.items():
-            if hasattr(value, "full_tensor"):  # FSDP's gradient norm, a replicated DTensor
-                value = value.full_tensor()
             value = torch.as_tensor(value, dtype=torch.float32, device=finite.device)
             self.sums[key] = self.sums.get(key, 0.0) + torch.where(finite, value, 0.0)
         self.count = self.count + finite

@@ -39,7 +39,7 @@ from .partitions import move_optimizer_partitions, saved_worlds
 from .previews import write_preview
 from .recipe import Recipe
 from .schedule import warmup_cosine
-from .step_guard import ClosedMeans, LoggedMeans, NonFiniteSteps, arm_skip, finite_flag
+from .step_guard import ClosedMeans, LoggedMeans, NonFiniteSteps, arm_skip, finite_flag, plain_norm
 from .stop import StopRequest
 from .throughput import MeteredWindow, ThroughputMeter, peak_flops, training_flops_per_sample
 from .state import load_train_state, rng_state, save_training_checkpoint, set_rng_state
@@ -412,7 +412,8 @@ def _loop(recipe, accelerator, model, raw_model, optimizer, scheduler, ema, data
                     accelerator.backward(loss)
                     if accelerator.sync_gradients:
                         # Every rank sees the same all-reduced gradients, so all skip a bad step together.
-                        norm = accelerator.clip_grad_norm_(model.parameters(), t.grad_clip if t.grad_clip > 0 else math.inf)
+                        norm = plain_norm(accelerator.clip_grad_norm_(model.parameters(),
+                                                                      t.grad_clip if t.grad_clip > 0 else math.inf))
                         finite = finite_flag(norm, accelerator.device)
                         if norm is not None:
                             logs["grad_norm"] = norm
