@@ -7,6 +7,8 @@ as the trainer runs it, with one part taken out at a time:
   nn/prefix_attention.py; QK-norm and RoPE in one Triton kernel, nn/qk_norm_rope.py);
 - `unfused-qk-rope`: QK-norm and RoPE as plain PyTorch ops (fused by Inductor) instead;
 - `unfused-swiglu`: the SwiGLU activation as plain PyTorch ops (fused by Inductor), not nn/swiglu.py's kernels;
+- `unfused-residual-norm`: the gated residual add and the MLP input's modulated norm as plain ops (fused by
+  Inductor), not nn/gated_residual_norm.py's kernels;
 - `dense-mask`: attention as one SDPA call with the dense mask instead;
 - `sdpa-groups`: attention as SDPA query groups of at least 64 rows instead;
 - `no-qk-norm`, `no-rope`: without that part, the other one as plain ops (compare with `unfused-qk-rope`);
@@ -45,8 +47,8 @@ from tessera.nn.masks import AttentionMask  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
 
 SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-VARIANTS = ("block", "unfused-qk-rope", "unfused-swiglu", "dense-mask", "sdpa-groups", "no-qk-norm", "no-rope", "no-adaln",
-            "no-attention", "matmuls")
+VARIANTS = ("block", "unfused-qk-rope", "unfused-swiglu", "unfused-residual-norm", "dense-mask", "sdpa-groups",
+            "no-qk-norm", "no-rope", "no-adaln", "no-attention", "matmuls")
 
 
 @contextlib.contextmanager
@@ -65,6 +67,7 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
     cfg = trunk_module.TrunkConfig(dim=args.dim, n_layers=1, n_heads=args.heads, qk_norm=variant != "no-qk-norm",
                                    fused_qk_rope=variant not in ("unfused-qk-rope", "no-rope"),
                                    fused_swiglu=variant != "unfused-swiglu",
+                                   fused_residual_norm=variant != "unfused-residual-norm",
                                    cond_dim=0 if variant == "no-adaln" else args.dim)
     sizes = [s * s for s in SCALES]
     length = sum(sizes)

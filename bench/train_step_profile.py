@@ -224,6 +224,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--plain-qk-rope", action="store_true", help="QK-norm and RoPE as plain ops, not the Triton kernel")
     p.add_argument("--bf16-residual", action="store_true", help="trunk.bf16_residual: the residual stream in bf16")
     p.add_argument("--plain-swiglu", action="store_true", help="trunk.fused_swiglu=false: SwiGLU as plain ops")
+    p.add_argument("--plain-residual-norm", action="store_true",
+                   help="trunk.fused_residual_norm=false: the gated residual and modulated norm compiled by Inductor")
     p.add_argument("--compile-tuning", action=argparse.BooleanOptionalAction, default=True,
                    help="train.compile_tuning: Inductor's coordinate-descent tuning (the trainer's default: on)")
     p.add_argument("--pdl", action="store_true", help="train.compile_pdl: Inductor's programmatic dependent launch")
@@ -237,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                           "attention": args.attention,
                                                           "attention_group_rows": args.group_rows,
                                                           "bf16_residual": args.bf16_residual,
-                                                          "fused_swiglu": not args.plain_swiglu},
+                                                          "fused_swiglu": not args.plain_swiglu,
+                                                          "fused_residual_norm": not args.plain_residual_norm},
                   loss_kernel=args.loss_kernel, tuning=args.compile_tuning, pdl=args.pdl)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=1e-4,
                                   fused=True)
@@ -293,7 +296,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         groups[group(name)] = groups.get(group(name), 0.0) + t / total
     result = {"benchmark": "train_step_profile", "shape": args.shape, "batch": b, "loss_chunk": args.loss_chunk,
               "loss_kernel": args.loss_kernel, "bf16_residual": args.bf16_residual,
-              "fused_swiglu": not args.plain_swiglu, "compile_tuning": args.compile_tuning, "pdl": args.pdl,
+              "fused_swiglu": not args.plain_swiglu, "fused_residual_norm": not args.plain_residual_norm,
+              "compile_tuning": args.compile_tuning, "pdl": args.pdl,
               "attention": args.attention, "group_rows": args.group_rows, "plain_qk_rope": args.plain_qk_rope,
               "env": environment(device.type), "wall_ms_per_step": wall_ms, "host_ms_per_step": host_ms,
               "host_wait_ms_per_step": wait_ms, "allocator_per_step": allocator,

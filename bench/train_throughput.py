@@ -80,6 +80,10 @@ ROWS = {"plain": ["model.config.trunk.attention=sdpa", PLAIN_QK_ROPE],
         # the fastest on one H100 (2026-12-07, fifth session): + Inductor's programmatic dependent launch
         "fused-b128-bf16-residual-tuned-triton-loss-pdl": [*FUSED, B128, BF16_RESIDUAL, TUNED,
                                                            "model.config.loss_kernel=triton", "train.compile_pdl=true"],
+        # the same with the gated residual + modulated norm compiled by Inductor (before the sixth session)
+        "fused-b128-bf16-residual-tuned-triton-loss-pdl-plain-residual-norm": [
+            *FUSED, B128, BF16_RESIDUAL, TUNED, "model.config.loss_kernel=triton", "train.compile_pdl=true",
+            "model.config.trunk.fused_residual_norm=false"],
         "fused-b144-bf16-residual-tuned-triton-loss": [*FUSED, "train.batch_size=144", BF16_RESIDUAL, TUNED,
                                                        "model.config.loss_kernel=triton"],
         # DDP's knobs (no effect on a single process): bigger buckets, static graph, bf16 all-reduce

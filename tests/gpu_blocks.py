@@ -4,7 +4,7 @@ import torch
 
 def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0,
                                  fused_options: dict | None = None) -> None:
-    """Two blocks with the same weights, plain QK-norm + RoPE and SwiGLU under attention backend
+    """Two blocks with the same weights, plain QK-norm + RoPE, SwiGLU and residual norm under attention backend
     `backends[0]` and the fused kernels under `backends[1]` (compiled with Inductor `fused_options`),
     compiled: outputs and gradients agree to bf16 rounding."""
     from tessera.nn.attention import prepare_mask
@@ -12,8 +12,8 @@ def assert_compiled_blocks_agree(backends: tuple[str, str], group_rows: int = 0,
     from tessera.nn.rope import RotaryEmbedding
     from tessera.nn.trunk import Block, TrunkConfig
     torch.manual_seed(0)
-    blocks = [Block(TrunkConfig(dim=256, n_heads=4, cond_dim=256, fused_qk_rope=fused, fused_swiglu=fused)).cuda()
-              for fused in (False, True)]
+    blocks = [Block(TrunkConfig(dim=256, n_heads=4, cond_dim=256, fused_qk_rope=fused, fused_swiglu=fused,
+                                fused_residual_norm=fused)).cuda() for fused in (False, True)]
     for p in blocks[0].parameters():
         p.data.normal_(0, 0.05)
     blocks[1].load_state_dict(blocks[0].state_dict())

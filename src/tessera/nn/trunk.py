@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from ..config import Config, ConfigError, check_range
 from .attention import BACKENDS, PreparedMask, attend, prepare_mask
 from .cache import KVCache
+from .gated_residual_norm import gated_residual_norm
 from .layers import AdaLNModulation, RMSNorm, SwiGLU, autocast_dtype, modulate, swiglu_hidden
 from .masks import AttentionMask
 from .qk_norm_rope import rms_norm_rope, rms_norm_rope_reference
@@ -46,6 +47,9 @@ class TrunkConfig(Config):
     attention_group_rows: int = 0
     fused_qk_rope: bool = True  # QK-norm + RoPE as one Triton kernel where Triton runs (nn/qk_norm_rope.py)
     fused_swiglu: bool = True  # the SwiGLU activation and its backward as Triton kernels (nn/swiglu.py)
+    # With AdaLN: the gated residual add after attention and the MLP input's modulated norm as one
+    # Triton kernel each way, where Triton runs (nn/gated_residual_norm.py)
+    fused_residual_norm: bool = True
     # Under bf16 autocast, carry the residual stream between blocks in bf16 instead of float32 (as
     # Megatron-LM does unless --fp32-residual-connection): the norms, gates and residual adds, which
     # are memory-bound, move half the bytes. Norms still compute in float32. No effect without autocast.
@@ -117,15 +121,16 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg.dim, swiglu_hidden(cfg.dim, cfg.mlp_ratio, cfg.multiple_of), cfg.dropout,
                           fused=cfg.fused_swiglu)
         self.ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 6) if cfg.cond_dim > 0 else None
+        self.fused_residual_norm = cfg.fused_residual_norm
 
     def forward(self, x, rope, prepared, cond, cache, layer, positions, kv_len):
         if self.ada is None:
             x = x + self.attn(self.norm1(x), rope, prepared, cache, layer, positions, kv_len)
             return x + self.mlp(self.norm2(x))
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)
-        attn_in = modulate(self.norm1(x), shift1, scale1)
-        x = x + (1 + gate1) * self.attn(attn_in, rope, prepared, cache, layer, positions, kv_len)
-        return x + (1 + gate2) * self.mlp(modulate(self.norm2(x), shift2, scale2))
+        attn_out = self.attn(modulate(self.norm1(x), shift1, scale1), rope, prepared, cache, layer, positions, kv_len)
+        x, mlp_in = gated_residual_norm(x, attn_out, gate1, shift2, scale2, self.norm2.eps, self.fused_residual_norm)
+        return x + (1 + gate2) * self.mlp(mlp_in)
 
 
 class Trunk(nn.Module):
