@@ -6,7 +6,10 @@ SwiGLU hidden 2752, bf16), forward + backward of:
 - `swiglu`: nn/swiglu.py's kernels under each BLOCK (columns per program), and the plain
   silu(gate) * up compiled by Inductor (`inductor`);
 - `qk_norm_rope`: nn/qk_norm_rope.py's kernels on the query under each ROWS_PER_PROGRAM, and the
-  plain RMSNorm + rotation compiled by Inductor.
+  plain RMSNorm + rotation compiled by Inductor;
+- `gated_residual_norm`: nn/gated_residual_norm.py's kernels (the gated residual add and the MLP
+  input's modulated norm of an AdaLN block) under each (ROWS_PER_STEP, NUM_WARPS, ROWS_PER_PROGRAM),
+  and the plain ops compiled by Inductor.
 
 Each row has the milliseconds and the effective bandwidth: the bytes the operation must move at
 least (each input read once, each output written once) over the time, so a row near the GPU's
@@ -30,12 +33,15 @@ import torch  # noqa: E402
 
 from timing import environment, kernel_bench_parser, measure, write_json  # noqa: E402
 
-from tessera.nn import qk_norm_rope, swiglu  # noqa: E402
+from tessera.nn import gated_residual_norm, qk_norm_rope, swiglu  # noqa: E402
 from tessera.nn.rope import RotaryEmbedding  # noqa: E402
 
 LENGTH, HIDDEN, HEADS, HEAD_DIM = 680, 2752, 16, 64
 SWIGLU_BLOCKS = (256, 512, 1024, 2048, 4096)
 ROWS = (8, 16, 32, 64, 128)
+WIDTH = 1024
+RESIDUAL_NORM_TILES = ((1, 4, 64), (2, 4, 64), (4, 4, 64), (2, 8, 64), (4, 8, 64), (1, 2, 64), (1, 4, 32),
+                       (2, 4, 128))  # (ROWS_PER_STEP, NUM_WARPS, ROWS_PER_PROGRAM)
 
 
 def forward_backward(fn: Callable[..., torch.Tensor], inputs: list[torch.Tensor], grad: torch.Tensor) -> Callable[[], None]:
@@ -52,7 +58,7 @@ def swiglu_rows(args, device: torch.device) -> list[dict[str, Any]]:
     # bf16 bytes: forward reads h13 and writes h (h's size is grad's); backward reads h13 and grad, writes d_h13
     least_bytes = 2 * (h13.numel() + grad.numel()) + 2 * (2 * h13.numel() + grad.numel())
     plain = torch.compile(swiglu.swiglu_reference, dynamic=False) if device.type == "cuda" else swiglu.swiglu_reference
-    return sweep("swiglu", swiglu, "BLOCK", SWIGLU_BLOCKS, forward_backward(plain, [h13], grad),
+    return sweep("swiglu", swiglu, [{"BLOCK": b} for b in SWIGLU_BLOCKS], forward_backward(plain, [h13], grad),
                  forward_backward(swiglu.swiglu, [h13], grad), least_bytes, args, device)
 
 
@@ -69,31 +75,53 @@ def qk_norm_rope_rows(args, device: torch.device) -> list[dict[str, Any]]:
     def reference(x, weight):
         return qk_norm_rope.rms_norm_rope_reference(x, weight, cos, sin, 1e-6)
     plain = torch.compile(reference, dynamic=False) if device.type == "cuda" else reference
-    return sweep("qk_norm_rope", qk_norm_rope, "ROWS_PER_PROGRAM", ROWS, forward_backward(plain, [x, weight], grad),
-                 forward_backward(fused, [x, weight], grad), least_bytes, args, device)
+    return sweep("qk_norm_rope", qk_norm_rope, [{"ROWS_PER_PROGRAM": r} for r in ROWS],
+                 forward_backward(plain, [x, weight], grad), forward_backward(fused, [x, weight], grad), least_bytes,
+                 args, device)
 
 
-def sweep(kernel: str, module, setting: str, values: tuple[int, ...], plain: Callable[[], None],
+def gated_residual_norm_rows(args, device: torch.device) -> list[dict[str, Any]]:
+    x, a = (torch.randn(args.batch, LENGTH, WIDTH, device=device).bfloat16().requires_grad_() for _ in range(2))
+    mods = (0.3 * torch.randn(args.batch, 1, 3 * WIDTH, device=device)).bfloat16().requires_grad_()
+    grads = [torch.randn_like(x) for _ in range(2)]
+    # bf16: forward reads x, a and writes x1, out; backward reads x, a and both gradients, writes dx, da
+    least_bytes = 2 * 4 * x.numel() + 2 * 6 * x.numel()
+
+    def step(fn: Callable[..., tuple[torch.Tensor, torch.Tensor]]) -> Callable[[], None]:
+        def run() -> None:
+            torch.autograd.grad(fn(x, a, *mods.chunk(3, -1), 1e-6), [x, a, mods], grads)
+        return run
+    reference = gated_residual_norm.gated_residual_norm_reference
+    plain = torch.compile(reference, dynamic=False) if device.type == "cuda" else reference
+    settings = [dict(zip(("ROWS_PER_STEP", "NUM_WARPS", "ROWS_PER_PROGRAM"), tiles)) for tiles in RESIDUAL_NORM_TILES]
+    return sweep("gated_residual_norm", gated_residual_norm, settings, step(plain),
+                 step(gated_residual_norm.gated_residual_norm), least_bytes, args, device)
+
+
+def sweep(kernel: str, module, settings: list[dict[str, int]], plain: Callable[[], None],
           fused: Callable[[], None], least_bytes: int, args, device: torch.device) -> list[dict[str, Any]]:
-    """Inductor's row, then (where Triton runs) the kernel's under each value of `module.setting`,
-    which is put back afterwards."""
+    """Inductor's row, then (where Triton runs) the kernel's under each of `settings` (values of
+    `module`'s constants, which are put back afterwards)."""
     rows = [_row(kernel, "inductor", plain, least_bytes, args, device)]
     if not module.triton_available(device):
         return rows
-    chosen = getattr(module, setting)
+    chosen = {name: getattr(module, name) for name in settings[0]}
     try:
-        for value in values:
-            setattr(module, setting, value)
-            rows.append(_row(kernel, f"{setting.lower()}-{value}", fused, least_bytes, args, device))
+        for setting in settings:
+            for name, value in setting.items():
+                setattr(module, name, value)
+            variant = "-".join(f"{name.lower()}-{value}" for name, value in setting.items())
+            rows.append(_row(kernel, variant, fused, least_bytes, args, device))
     finally:
-        setattr(module, setting, chosen)
+        for name, value in chosen.items():
+            setattr(module, name, value)
     return rows
 
 
 def _row(kernel: str, variant: str, step: Callable[[], None], least_bytes: int, args, device: torch.device) -> dict[str, Any]:
     ms = measure(step, device, args.warmup, args.reps)["median_s"] * 1e3
     row = {"kernel": kernel, "variant": variant, "ms": ms, "effective_gb_per_s": least_bytes / ms / 1e6}
-    print(f"{kernel:>13} {variant:>11}: {ms:7.3f} ms  {row['effective_gb_per_s']:7.0f} GB/s", flush=True)
+    print(f"{kernel:>19} {variant:>48}: {ms:7.3f} ms  {row['effective_gb_per_s']:7.0f} GB/s", flush=True)
     return row
 
 
@@ -101,7 +129,7 @@ def main() -> None:
     args = kernel_bench_parser(__doc__, batch=96).parse_args()
     device = torch.device(args.device)
     torch.manual_seed(0)
-    rows = swiglu_rows(args, device) + qk_norm_rope_rows(args, device)
+    rows = swiglu_rows(args, device) + qk_norm_rope_rows(args, device) + gated_residual_norm_rows(args, device)
     write_json(args.json, {"benchmark": "pointwise_kernel_sweep", "batch": args.batch, "env": environment(args.device),
                            "rows": rows})
 

@@ -28,13 +28,10 @@ from dataclasses import dataclass
 import torch
 
 from .decode_attention import triton_available
-from .qk_norm_rope import empty_rows_major
 
 try:
     import triton
     import triton.language as tl
-
-    from .qk_norm_rope import norm_rope_rows_backward
 except ImportError:  # CPU-only installs: SDPA with a dense mask serves
     triton = None
 
@@ -171,6 +168,13 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def empty_rows_major(t: torch.Tensor) -> torch.Tensor:
+    """An empty (B, H, L, D) view of (B, L, H, D) memory shaped like t: the layout the kernels here and in
+    `qk_norm_rope` write, which the trunk reshapes for free (also under fake tensors)."""
+    b, h, length, d = t.shape
+    return t.new_empty(b, length, h, d).transpose(1, 2)
+
+
 def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_end: torch.Tensor,
                             tiles: TileConfig = FORWARD_TILES) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel: the output (a (B, H, Lq, D) view of (B, Lq, H, D) memory) and the per-row
@@ -187,20 +191,6 @@ def triton_prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k
     return out, lse
 
 
-@dataclass(frozen=True)
-class NormRopeInputs:
-    """What the backward kernels need to carry dQ and dK on through QK-norm and RoPE: the raw (pre-norm)
-    q and k as (B, H, L, D) views, their gains, the (L, D/2) RoPE tables and the norm's eps."""
-
-    q_raw: torch.Tensor
-    k_raw: torch.Tensor
-    q_weight: torch.Tensor
-    k_weight: torch.Tensor
-    cos: torch.Tensor
-    sin: torch.Tensor
-    eps: float
-
-
 def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                      out: torch.Tensor, lse: torch.Tensor, kv_end: torch.Tensor,
                                      first_rows: torch.Tensor, kv_tiles: TileConfig = BACKWARD_KV_TILES,
@@ -209,76 +199,27 @@ def triton_prefix_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: tor
                                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The backward kernels: dQ, dK, dV, each by default a (B, H, L, D) view of (B, L, H, D) memory;
     `grads` names the three (B, H, L, D) tensors to write instead (dK and dV with equal strides)."""
-    grads = grads or (empty_rows_major(q), empty_rows_major(k), empty_rows_major(v))
-    _launch_backward(grad, q, k, v, out, lse, kv_end, first_rows, kv_tiles, q_tiles, grads, None)
-    return grads
-
-
-def triton_prefix_attention_norm_rope_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                                               v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                                               kv_end: torch.Tensor, first_rows: torch.Tensor,
-                                               norm_rope: NormRopeInputs,
-                                               grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                                               kv_tiles: TileConfig = BACKWARD_KV_TILES,
-                                               q_tiles: TileConfig = BACKWARD_Q_TILES
-                                               ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backward kernels for attention over q and k that are QK-normed and rotated raw inputs:
-    writes into `grads` the gradients of raw q, raw k and v (dQ and dK go through the norm and
-    rotation in the kernels' epilogues, never stored as such); returns the gains' gradients."""
-    partials = _launch_backward(grad, q, k, v, out, lse, kv_end, first_rows, kv_tiles, q_tiles, grads, norm_rope)
-    return (partials[0].sum(0).to(norm_rope.q_weight.dtype), partials[1].sum(0).to(norm_rope.k_weight.dtype))
-
-
-def _launch_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                     lse: torch.Tensor, kv_end: torch.Tensor, first_rows: torch.Tensor, kv_tiles: TileConfig,
-                     q_tiles: TileConfig, grads: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
-                     norm_rope: NormRopeInputs | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Runs the dQ and the dK/dV kernels; with `norm_rope`, returns the per-program partial sums of the
-    q and k gains' gradients (programs x D)."""
     _check(q, k, v, kv_end)
     if grad.stride(-1) != 1:
         grad = grad.contiguous()
     b, h, lq, d = q.shape
     lk = k.shape[2]
     delta = torch.empty(b, h, lq, dtype=torch.float32, device=q.device)  # rowsum(dO * O), by the dQ kernel
-    grad_q, grad_k, grad_v = grads
+    grad_q, grad_k, grad_v = grads or (empty_rows_major(q), empty_rows_major(k), empty_rows_major(v))
     if (grad_q.shape != q.shape or grad_k.shape != k.shape or grad_v.stride() != grad_k.stride()
             or grad_q.stride(-1) != 1 or grad_k.stride(-1) != 1):
         raise ValueError("the gradients to write must be shaped like q, k and v, dK and dV with equal strides")
-    q_grid = (triton.cdiv(lq, q_tiles.block_m), b * h)
-    kv_grid = (triton.cdiv(lk, kv_tiles.block_n), b * h)
-    q_epilogue, q_partial = _norm_rope_epilogue(norm_rope, 0, q, q_grid)
-    k_epilogue, k_partial = _norm_rope_epilogue(norm_rope, 1, k, kv_grid)
     sm_scale = 1.0 / math.sqrt(d)
     common = (h, lq, lk, *_strides(q), *_strides(k), *_strides(v), *_strides(grad), sm_scale * math.log2(math.e))
-    _prefix_attention_backward_q[q_grid](
+    _prefix_attention_backward_q[(triton.cdiv(lq, q_tiles.block_m), b * h)](
         q, k, v, grad, out, lse, delta, kv_end, grad_q, *common, *_strides(out), *_strides(grad_q), sm_scale,
-        *q_epilogue, HEAD_DIM=d, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n, NORM_ROPE=norm_rope is not None,
+        HEAD_DIM=d, BLOCK_M=q_tiles.block_m, BLOCK_N=q_tiles.block_n,
         num_warps=q_tiles.num_warps, num_stages=q_tiles.num_stages)
-    _prefix_attention_backward_kv[kv_grid](
+    _prefix_attention_backward_kv[(triton.cdiv(lk, kv_tiles.block_n), b * h)](
         q, k, v, grad, lse, delta, kv_end, first_rows, grad_k, grad_v, *common, *_strides(grad_k), sm_scale,
-        *k_epilogue, HEAD_DIM=d, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, GRANULE=ROW_GRANULE,
-        NORM_ROPE=norm_rope is not None, num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages)
-    return q_partial, k_partial
-
-
-def _norm_rope_epilogue(norm_rope: NormRopeInputs | None, which: int, rotated: torch.Tensor,
-                        grid: tuple[int, int]) -> tuple[tuple, torch.Tensor]:
-    """The epilogue arguments of one backward kernel (raw input, its strides, gain, tables, partial
-    sums, eps) and its (programs, D) partial-sum buffer; placeholders without `norm_rope`."""
-    if norm_rope is None:
-        return (rotated, 0, 0, 0, rotated, rotated, rotated, rotated, 0.0), rotated
-    raw = (norm_rope.q_raw, norm_rope.k_raw)[which]
-    weight = (norm_rope.q_weight, norm_rope.k_weight)[which]
-    if raw.shape != rotated.shape or raw.stride(-1) != 1 or weight.shape != rotated.shape[-1:]:
-        raise ValueError(f"the raw input {tuple(raw.shape)} and gain {tuple(weight.shape)} do not match "
-                         f"{tuple(rotated.shape)}")
-    length, d = rotated.shape[2], rotated.shape[3]
-    if norm_rope.cos.shape != (length, d // 2) or norm_rope.sin.shape != (length, d // 2):
-        raise ValueError(f"the RoPE tables must be ({length}, {d // 2}); got {tuple(norm_rope.cos.shape)}")
-    partial = torch.empty(grid[0] * grid[1], d, dtype=torch.float32, device=rotated.device)
-    return (raw, *_strides(raw), weight, norm_rope.cos.contiguous(), norm_rope.sin.contiguous(), partial,
-            norm_rope.eps), partial
+        HEAD_DIM=d, BLOCK_M=kv_tiles.block_m, BLOCK_N=kv_tiles.block_n, GRANULE=ROW_GRANULE,
+        num_warps=kv_tiles.num_warps, num_stages=kv_tiles.num_stages)
+    return grad_q, grad_k, grad_v
 
 
 if triton is not None:
@@ -383,9 +324,8 @@ if triton is not None:
                                       stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                                       stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
                                       stride_ob, stride_oh, stride_ol, sm_scale,
-                                      KRaw, stride_xb, stride_xh, stride_xl, KWeight, Cos, Sin, Partial, eps,
                                       HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                      GRANULE: tl.constexpr, NORM_ROPE: tl.constexpr):
+                                      GRANULE: tl.constexpr):
         bh = tl.program_id(1)
         start_n = tl.program_id(0) * BLOCK_N
         keys = start_n + tl.arange(0, BLOCK_N)
@@ -408,11 +348,8 @@ if triton is not None:
         dk, dv = _backward_kv_tiles(dk, dv, k, v, Q, G, Lse, Delta, KvEnd, q_base, g_base, row_base, all_seen,
                                     lq, lq, keys, offs_m, cols, stride_ql, stride_gl, qk_scale, False, BLOCK_M)
         out_offsets = _tile_offsets(bh, n_heads, keys, cols, stride_ob, stride_oh, stride_ol)
+        tl.store(GradK + out_offsets, (dk * sm_scale).to(GradK.dtype.element_ty), mask=key_ok[:, None])
         tl.store(GradV + out_offsets, dv.to(GradV.dtype.element_ty), mask=key_ok[:, None])
-        _store_gradient(dk * sm_scale, GradK, out_offsets, bh, n_heads, keys, key_ok, stride_ob, stride_oh, stride_ol,
-                        KRaw, stride_xb, stride_xh, stride_xl, KWeight, Cos, Sin,
-                        Partial + (bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * HEAD_DIM, eps,
-                        HEAD_DIM, BLOCK_N, NORM_ROPE)
 
     @triton.jit
     def _backward_q_tiles(dq, q, g, lse, delta, ends, K, V, k_base, v_base, kv_start, kv_stop, offs_n, cols,
@@ -436,9 +373,7 @@ if triton is not None:
                                      stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_kl,
                                      stride_vb, stride_vh, stride_vl, stride_gb, stride_gh, stride_gl, qk_scale,
                                      stride_ob, stride_oh, stride_ol, stride_dqb, stride_dqh, stride_dql, sm_scale,
-                                     QRaw, stride_xb, stride_xh, stride_xl, QWeight, Cos, Sin, Partial, eps,
-                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                                     NORM_ROPE: tl.constexpr):
+                                     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
         bh, rows, cols, q, ends, unmasked_stop, last_end, k_base, v_base = _query_tile(
             Q, KvEnd, n_heads, lq, lk, stride_qb, stride_qh, stride_ql, stride_kb, stride_kh, stride_vb, stride_vh,
             HEAD_DIM, BLOCK_M, BLOCK_N)
@@ -455,24 +390,5 @@ if triton is not None:
                                stride_kl, stride_vl, qk_scale, False, BLOCK_N)
         dq = _backward_q_tiles(dq, q, g, lse, delta, ends, K, V, k_base, v_base, unmasked_stop, last_end, offs_n,
                                cols, stride_kl, stride_vl, qk_scale, True, BLOCK_N)
-        _store_gradient(dq * sm_scale, GradQ, _tile_offsets(bh, n_heads, rows, cols, stride_dqb, stride_dqh, stride_dql),
-                        bh, n_heads, rows, row_ok, stride_dqb, stride_dqh, stride_dql,
-                        QRaw, stride_xb, stride_xh, stride_xl, QWeight, Cos, Sin,
-                        Partial + (bh.to(tl.int64) * tl.num_programs(0) + tl.program_id(0)) * HEAD_DIM, eps,
-                        HEAD_DIM, BLOCK_M, NORM_ROPE)
-
-    @triton.jit
-    def _store_gradient(grad, Grad, offsets, bh, n_heads, rows, row_ok, stride_b, stride_h, stride_l,
-                        XRaw, stride_xb, stride_xh, stride_xl, Weight, Cos, Sin, Partial, eps,
-                        HEAD_DIM: tl.constexpr, ROWS: tl.constexpr, NORM_ROPE: tl.constexpr):
-        """Stores a tile's dQ (or dK) at `offsets`; with NORM_ROPE, the raw input's gradient instead, at
-        the same place, and the gain's partial sum at `Partial`."""
-        if NORM_ROPE:
-            halves = tl.permute(tl.reshape(grad, (ROWS, 2, HEAD_DIM // 2)), (0, 2, 1))  # (rows, D/2, 2)
-            g1, g2 = tl.split(halves)
-            norm_rope_rows_backward(g1, g2, XRaw, Weight, Cos, Sin, Grad, Partial,
-                                    _head_base(bh, n_heads, stride_xb, stride_xh) + rows * stride_xl,
-                                    _head_base(bh, n_heads, stride_b, stride_h) + rows * stride_l,
-                                    rows, row_ok, eps, HEAD_DIM // 2)
-        else:
-            tl.store(Grad + offsets, grad.to(Grad.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(GradQ + _tile_offsets(bh, n_heads, rows, cols, stride_dqb, stride_dqh, stride_dql),
+                 (dq * sm_scale).to(GradQ.dtype.element_ty), mask=row_ok[:, None])

@@ -20,6 +20,7 @@ import torch
 
 from .decode_attention import triton_available
 from .layers import rms_norm
+from .prefix_attention import empty_rows_major
 from .rope import apply_rotary
 
 try:
@@ -29,13 +30,6 @@ except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
 ROWS_PER_PROGRAM = 64
-
-
-def empty_rows_major(t: torch.Tensor) -> torch.Tensor:
-    """An empty (B, H, L, D) view of (B, L, H, D) memory shaped like t: the layout the kernels here and in
-    `prefix_attention` write, which the trunk reshapes for free (also under fake tensors)."""
-    b, h, length, d = t.shape
-    return t.new_empty(b, length, h, d).transpose(1, 2)
 
 
 def rms_norm_rope_reference(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -179,32 +173,20 @@ if triton is not None:
         m = valid[:, None]
         g1 = tl.load(G + g_offsets[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
         g2 = tl.load(G + g_offsets[:, None] + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        norm_rope_rows_backward(g1, g2, X, W, Cos, Sin, GradX, Partial + pid * (2 * HALF), offsets, o_offsets, pos,
-                                valid, eps, HALF)
-
-    @triton.jit
-    def norm_rope_rows_backward(g1, g2, X, W, Cos, Sin, GradX, Partial, x_offsets, dx_offsets, pos, valid, eps,
-                                HALF: tl.constexpr):
-        """The backward of QK-norm + RoPE for a tile of rows, given the output gradient's halves g1, g2
-        (rows x HALF, float32): writes the input's gradient at `dx_offsets` and this tile's (2 * HALF,)
-        partial sum of the gain's gradient at `Partial`. Also the epilogue of the attention backward
-        kernels (nn/prefix_attention.py), which hand over dQ or dK without storing them."""
-        cols = tl.arange(0, HALF)
-        m = valid[:, None]
         c = tl.load(Cos + pos[:, None] * HALF + cols[None, :], mask=m, other=0.0)
         s = tl.load(Sin + pos[:, None] * HALF + cols[None, :], mask=m, other=0.0)
         dn1 = g1 * c + g2 * s  # the rotation's transpose
         dn2 = g2 * c - g1 * s
-        x1 = tl.load(X + x_offsets[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        x2 = tl.load(X + x_offsets[:, None] + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x1 = tl.load(X + offsets[:, None] + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x2 = tl.load(X + offsets[:, None] + HALF + cols[None, :], mask=m, other=0.0).to(tl.float32)
         rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)
         xhat1 = x1 * rstd[:, None]
         xhat2 = x2 * rstd[:, None]
-        tl.store(Partial + cols, tl.sum(dn1 * xhat1, 0))
-        tl.store(Partial + HALF + cols, tl.sum(dn2 * xhat2, 0))
+        tl.store(Partial + pid * (2 * HALF) + cols, tl.sum(dn1 * xhat1, 0))
+        tl.store(Partial + pid * (2 * HALF) + HALF + cols, tl.sum(dn2 * xhat2, 0))
         dxhat1 = dn1 * tl.load(W + cols).to(tl.float32)[None, :]
         dxhat2 = dn2 * tl.load(W + HALF + cols).to(tl.float32)[None, :]
         mean = (tl.sum(dxhat1 * xhat1, 1) + tl.sum(dxhat2 * xhat2, 1)) / (2 * HALF)
-        out = GradX + dx_offsets[:, None] + cols[None, :]
+        out = GradX + o_offsets[:, None] + cols[None, :]
         tl.store(out, (rstd[:, None] * (dxhat1 - xhat1 * mean[:, None])).to(GradX.dtype.element_ty), mask=m)
         tl.store(out + HALF, (rstd[:, None] * (dxhat2 - xhat2 * mean[:, None])).to(GradX.dtype.element_ty), mask=m)

@@ -4,12 +4,9 @@ Run as their parts (`rms_norm_rope` on q and k, then `prefix_attention`), the ba
 dQ, dK and dV in three tensors, which autograd stacks and copies into the (B, L, 3, H, D)
 gradient of the QKV projection's output: 4.2 ms of a 219 ms VAR-d16 training step at batch 96 on
 an H100 (bench/train_step_profile.py). Here the attention backward writes dQ, dK and dV straight
-into slices of that one packed gradient, and the attention backward kernels carry dQ and dK on
-through the QK-norm + RoPE backward in their epilogues, so that they write the gradients of the
-raw q and k and dQ and dK are never stored (the QK-norm + RoPE backward kernel cost 6.2 ms of a
-264 ms step at batch 128). The arithmetic is the parts': the output is theirs exactly, the
-gradients up to float32 rounding (dQ and dK are not rounded to the inputs' dtype in between, and
-the gains' gradients are summed in another order).
+into slices of that one packed gradient, and the QK-norm + RoPE backward turns dQ and dK into the
+gradients of the raw q and k in place. The same kernels run as in the parts, so values and
+gradients are theirs.
 
 On CUDA it runs as the custom op `tessera::qkv_prefix_attention` (opaque to torch.compile, its
 autograd registered). With TRITON_INTERPRET=1 set before import (tests), the kernels run in
@@ -19,9 +16,9 @@ from __future__ import annotations
 
 import torch
 
-from .prefix_attention import (NormRopeInputs, PrefixMask, prefix_attention_supported, triton_prefix_attention,
-                               triton_prefix_attention_norm_rope_backward)
-from .qk_norm_rope import empty_rows_major, triton_rms_norm_rope
+from .prefix_attention import (PrefixMask, empty_rows_major, prefix_attention_supported,
+                               triton_prefix_attention, triton_prefix_attention_backward)
+from .qk_norm_rope import triton_rms_norm_rope, triton_rms_norm_rope_backward
 
 
 def qkv_prefix_attention_supported(qkv: torch.Tensor) -> bool:
@@ -72,9 +69,10 @@ def _backward_op(grad: torch.Tensor, qkv: torch.Tensor, q: torch.Tensor, k: torc
                  eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     q_raw, k_raw, v = _heads(qkv)
     grad_qkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    norm_rope = NormRopeInputs(q_raw, k_raw, q_weight, k_weight, cos, sin, eps)
-    grad_q_weight, grad_k_weight = triton_prefix_attention_norm_rope_backward(
-        grad, q, k, v, out, lse, kv_end, first_rows, norm_rope, _heads(grad_qkv))
+    grad_q, grad_k, grad_v = _heads(grad_qkv)
+    triton_prefix_attention_backward(grad, q, k, v, out, lse, kv_end, first_rows, grads=(grad_q, grad_k, grad_v))
+    _, grad_q_weight = triton_rms_norm_rope_backward(grad_q, q_raw, q_weight, cos, sin, eps, grad_x=grad_q)
+    _, grad_k_weight = triton_rms_norm_rope_backward(grad_k, k_raw, k_weight, cos, sin, eps, grad_x=grad_k)
     return grad_qkv, grad_q_weight, grad_k_weight
 
 
