@@ -5,6 +5,7 @@ refused); a non-finite gradient skips the update.
 ZeRO-3, with every parameter sharded: the frozen tokenizer stays whole, the saved weights and EMA are
 full tensors, and a resume from a checkpoint repeats the uninterrupted run step for step; a VQ, whose
 quantiser reads its codebook outside the embedding's forward, trains."""
+import contextlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import time
 from pathlib import Path
 
 import deepspeed  # noqa: F401 - a dev dependency; the launch below needs it
+import psutil  # accelerate's dependency
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -76,8 +78,15 @@ def test_zero2_trains_saves_and_resumes_like_an_uninterrupted_run(tmp_path):
         assert proc.poll() is None, "the launch ended before its first checkpoint"
         time.sleep(0.05)
     assert proc.poll() is None, "the launch ended before it could be killed"
+    # torchrun starts each rank in a session of its own, so killing the launch's process group leaves
+    # the ranks training on into the same run folder (racing the resumed launch): kill them as well
+    ranks = psutil.Process(proc.pid).children(recursive=True)
     os.killpg(proc.pid, signal.SIGKILL)
+    for rank in ranks:
+        with contextlib.suppress(psutil.NoSuchProcess):  # those in the launch's group are gone already
+            rank.kill()
     proc.wait()
+    psutil.wait_procs(ranks, timeout=60)
     resumed_from = int(latest.read_text().split("-")[1])
     resumed = _launch(ZERO2, recipe, tmp_path / "killed", "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
