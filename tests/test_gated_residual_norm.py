@@ -12,7 +12,8 @@ from triton_interpreter import run_interpreted
 
 def test_kernels_match_the_reference_in_value_and_gradient():
     """Ragged programs and row steps, a width that is not a power of two, modulation rows that are
-    strided chunks of one AdaLN output: both outputs and the gradients of x, a and the modulation."""
+    strided chunks of one AdaLN output or expanded along C: both outputs and the gradients of x, a and
+    the modulation."""
     out = run_interpreted("""
         import torch
         from tessera.nn.gated_residual_norm import (ROWS_PER_PROGRAM, gated_residual_norm,
@@ -23,6 +24,8 @@ def test_kernels_match_the_reference_in_value_and_gradient():
             a = torch.randn(b, length, dim, requires_grad=True)
             mods = (0.3 * torch.randn(b, 1, 3 * dim)).requires_grad_()
             gate, shift, scale = mods.chunk(3, -1)
+            if dim == 32:  # a row that is not unit-strided along C (one value per sample, expanded)
+                scale = scale[..., :1].expand_as(scale)
             grads = torch.randn(b, length, dim), torch.randn(b, length, dim)
             want = gated_residual_norm_reference(x, a, gate, shift, scale, 1e-6)
             got = gated_residual_norm(x, a, gate, shift, scale, 1e-6)

@@ -7,7 +7,7 @@ does not fuse into one kernel, so x, a and the incoming gradients are read more 
 Triton kernels here give each program one sample's run of positions with whole rows, so both kinds
 of sum come out of one read: the backward reads x, a and the two incoming gradients once, writes the
 gradients of x and a once, and leaves per-program partial sums of the modulation gradients (summed
-afterwards, 4 MB at VAR-d16's batch 128). The forward writes x1 and the MLP input together.
+afterwards, 17 MB at VAR-d16's batch 128). The forward writes x1 and the MLP input together.
 Arithmetic is float32; x1 and the normalised rows are rounded to x1's dtype where the plain path
 rounds them.
 
@@ -31,7 +31,8 @@ try:
     import triton
     import triton.language as tl
 
-    _TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+    _TRITON_DTYPES = {torch.float64: tl.float64, torch.float32: tl.float32, torch.bfloat16: tl.bfloat16,
+                      torch.float16: tl.float16}
 except ImportError:  # CPU-only installs: the reference path serves
     triton = None
 
@@ -113,10 +114,16 @@ def _rows(x: torch.Tensor) -> tuple[int, int, int, tuple[int, int]]:
     return b, length, dim, (triton.cdiv(length, ROWS_PER_PROGRAM), b)
 
 
+def _unit_stride(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The (B, 1, C) modulation rows with unit stride along C, as the kernels index them."""
+    return tuple(t if t.stride(-1) == 1 else t.contiguous() for t in rows)
+
+
 def triton_gated_residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward kernel: x1 and the MLP's input, (B, L, C) contiguous each."""
     x, a = x.contiguous(), a.contiguous()
+    gate, shift, scale = _unit_stride(gate, shift, scale)
     b, length, dim, grid = _rows(x)
     x1_dtype, out_dtype = _out_dtypes(x, a, gate, shift, scale)
     x1 = torch.empty(x.shape, dtype=x1_dtype, device=x.device)
@@ -133,6 +140,7 @@ def triton_gated_residual_norm_backward(grad_x1: torch.Tensor, grad_out: torch.T
     """The backward kernel, given the gradients of x1 (from the rest of the block) and of the MLP's
     input: the gradients of x, a, gate, shift and scale, in that order."""
     x, a, grad_x1, grad_out = x.contiguous(), a.contiguous(), grad_x1.contiguous(), grad_out.contiguous()
+    gate, shift, scale = _unit_stride(gate, shift, scale)
     b, length, dim, grid = _rows(x)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
     grad_a = torch.empty_like(a, memory_format=torch.contiguous_format)
