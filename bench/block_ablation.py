@@ -1,5 +1,5 @@
 """What each part of one trunk block costs in training: forward + backward of one compiled block
-at VAR-d16's shape (batch 32, 680 positions, width 1024, 16 heads, AdaLN from a 1024-d condition,
+(in the form the trunk runs its blocks after the first) at VAR-d16's shape (batch 32, 680 positions, width 1024, 16 heads, AdaLN from a 1024-d condition,
 QK-norm, 2-axis RoPE, SwiGLU), bf16 autocast over float32 weights and a float32 residual stream,
 as the trainer runs it, with one part taken out at a time:
 
@@ -96,12 +96,17 @@ def block_step(variant: str, args, device: torch.device) -> tuple[Callable[[], N
     block = trunk_module.Block(cfg).to(device)
     compiled = torch.compile(block, dynamic=False) if device.type == "cuda" else block
     grad = torch.randn_like(x)
+    # AdaLN blocks as the trunk runs them after the first: the previous block's MLP branch comes in, and
+    # this block's goes out, each added in a norm's kernel
+    pending = None if cond is None else trunk_module.PendingBranch(
+        torch.randn_like(x).requires_grad_(), torch.zeros(args.batch, 1, args.dim, device=device, requires_grad=True))
 
     def step() -> None:
         x.grad = None
         with autocast:
-            out = compiled(x, rope, prepared, cond, None, 0, None, None)
-        out.backward(grad)
+            out, branch = compiled(x, rope, prepared, cond, None, 0, None, None, pending, defer=pending is not None)
+        outs = [out] if branch is None else [out, branch.out]
+        torch.autograd.backward(outs, [grad] * len(outs))
     if variant == "no-rope":
         return step, patched(qk_norm_rope, "apply_rotary", lambda t, cos, sin: t)
     if variant == "no-attention":

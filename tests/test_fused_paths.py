@@ -155,24 +155,36 @@ def test_activation_checkpointing_and_compiled_trunk_train_like_the_plain_path(t
     assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 
-def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(monkeypatch):
+@pytest.mark.parametrize("cond_dim", [0, 8])
+def test_activation_checkpointing_recomputes_blocks_with_equal_gradients(monkeypatch, cond_dim):
+    """Recomputed blocks give the same output and gradients. With AdaLN this also compares the two
+    block forms: without recomputation each block hands its MLP branch on to the next block's norm
+    (and the last to the final norm); recomputed blocks add their own."""
     calls = []
     block_forward = Block.forward
-    monkeypatch.setattr(Block, "forward", lambda self, *args: calls.append(1) or block_forward(self, *args))
+    monkeypatch.setattr(Block, "forward", lambda self, *args, **kw: calls.append(kw.get("defer", False))
+                        or block_forward(self, *args, **kw))
     torch.manual_seed(0)
-    trunk = Trunk(TrunkConfig(dim=32, n_layers=2, n_heads=4, rope_axes=1)).double()
+    trunk = Trunk(TrunkConfig(dim=32, n_layers=2, n_heads=4, rope_axes=1, cond_dim=cond_dim)).double()
+    for p in trunk.parameters():  # AdaLN away from its zero init, so that the gates act
+        torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(2, 9, 32, dtype=torch.float64)
+    cond = torch.randn(2, cond_dim, dtype=torch.float64) if cond_dim else None
     positions = torch.arange(9.0)[:, None]
-    grads = []
+    results = []
     for recompute in (False, True):
         trunk.activation_checkpointing = recompute
         calls.clear()
         trunk.zero_grad()
-        trunk(x, positions, AttentionMask.causal()).square().sum().backward()
-        grads.append([p.grad.clone() for p in trunk.parameters()])
+        out = trunk(x, positions, AttentionMask.causal(), cond=cond)
+        out.square().sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in trunk.parameters()]))
         assert len(calls) == (4 if recompute else 2)  # each of the 2 blocks ran again in backward
-    for plain, recomputed in zip(*grads, strict=True):
-        torch.testing.assert_close(recomputed, plain)
+        assert any(calls) == (cond_dim > 0 and not recompute)
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    torch.testing.assert_close(recomputed, plain)
+    for want, got in zip(plain_grads, recomputed_grads, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_bf16_residual_stream_matches_the_float32_one_under_autocast():

@@ -6,7 +6,7 @@ the tokens mean.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import nn
@@ -47,8 +47,9 @@ class TrunkConfig(Config):
     attention_group_rows: int = 0
     fused_qk_rope: bool = True  # QK-norm + RoPE as one Triton kernel where Triton runs (nn/qk_norm_rope.py)
     fused_swiglu: bool = True  # the SwiGLU activation and its backward as Triton kernels (nn/swiglu.py)
-    # With AdaLN: the gated residual add after attention and the MLP input's modulated norm as one
-    # Triton kernel each way, where Triton runs (nn/gated_residual_norm.py)
+    # With AdaLN: each gated residual add and the modulated norm after it (the MLP input's; the next
+    # block's attention input or the final norm, which add the MLP branch) as one Triton kernel each
+    # way, where Triton runs (nn/gated_residual_norm.py)
     fused_residual_norm: bool = True
     # Under bf16 autocast, carry the residual stream between blocks in bf16 instead of float32 (as
     # Megatron-LM does unless --fp32-residual-connection): the norms, gates and residual adds, which
@@ -110,6 +111,14 @@ class Attention(nn.Module):
         return attend(q, k, v, prepared)
 
 
+class PendingBranch(NamedTuple):
+    """An AdaLN block's gated MLP branch, `gate` (B, 1, C) and `out` (B, L, C), not yet added to the
+    residual stream: the next block (or the final norm) adds it in the kernel of its own norm."""
+
+    out: torch.Tensor
+    gate: torch.Tensor
+
+
 class Block(nn.Module):
     """Pre-norm attention + SwiGLU, optionally AdaLN-modulated (adaLN-Zero gates)."""
 
@@ -123,14 +132,27 @@ class Block(nn.Module):
         self.ada = AdaLNModulation(cfg.cond_dim, cfg.dim, 6) if cfg.cond_dim > 0 else None
         self.fused_residual_norm = cfg.fused_residual_norm
 
-    def forward(self, x, rope, prepared, cond, cache, layer, positions, kv_len):
+    def forward(self, x, rope, prepared, cond, cache, layer, positions, kv_len,
+                pending: PendingBranch | None = None, defer: bool = False) -> tuple[torch.Tensor, PendingBranch | None]:
+        """-> (the residual stream, None), or with AdaLN and `defer` (the stream before this block's
+        MLP branch, that branch). `pending`: the previous block's deferred branch, added here."""
         if self.ada is None:
+            if pending is not None or defer:
+                raise ValueError("only AdaLN blocks defer their MLP branch")
             x = x + self.attn(self.norm1(x), rope, prepared, cache, layer, positions, kv_len)
-            return x + self.mlp(self.norm2(x))
+            return x + self.mlp(self.norm2(x)), None
         shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond)
-        attn_out = self.attn(modulate(self.norm1(x), shift1, scale1), rope, prepared, cache, layer, positions, kv_len)
+        if pending is None:
+            attn_in = modulate(self.norm1(x), shift1, scale1)
+        else:
+            x, attn_in = gated_residual_norm(x, pending.out, pending.gate, shift1, scale1, self.norm1.eps,
+                                             self.fused_residual_norm)
+        attn_out = self.attn(attn_in, rope, prepared, cache, layer, positions, kv_len)
         x, mlp_in = gated_residual_norm(x, attn_out, gate1, shift2, scale2, self.norm2.eps, self.fused_residual_norm)
-        return x + (1 + gate2) * self.mlp(mlp_in)
+        branch = PendingBranch(self.mlp(mlp_in), gate2)
+        if defer:
+            return x, branch
+        return x + (1 + branch.gate) * branch.out, None
 
 
 class Trunk(nn.Module):
@@ -148,10 +170,11 @@ class Trunk(nn.Module):
         _init_linear_weights(self)
 
     def compile(self, *args, **kwargs) -> None:
-        """torch.compile each block in place (one graph serves every block: same code, same shapes)
-        and the final norm, leaving the RoPE tables and the mask built eagerly once per forward.
-        Compiling the whole trunk instead lets Inductor fold the cos/sin of the tables into every
-        layer's rotation, recomputed per element: 12% of a VAR-d16 training step's GPU time on an H100."""
+        """torch.compile each block in place (one graph serves every block after the first, which has
+        no branch handed on to it: same code, same shapes) and the final norm, leaving the RoPE tables
+        and the mask built eagerly once per forward. Compiling the whole trunk instead lets Inductor
+        fold the cos/sin of the tables into every layer's rotation, recomputed per element: 12% of a
+        VAR-d16 training step's GPU time on an H100."""
         for block in self.blocks:
             block.compile(*args, **kwargs)
         self._final_norm = torch.compile(final_norm, *args, **kwargs)
@@ -188,22 +211,27 @@ class Trunk(nn.Module):
         if self.config.bf16_residual and autocast_dtype(x.device.type) == torch.bfloat16:
             x = x.to(torch.bfloat16)
         recompute = self.activation_checkpointing and self.training and torch.is_grad_enabled()
+        pending = None
         for layer, block in enumerate(self.blocks):
             if recompute:  # keep only block inputs; recompute each block's activations in backward
-                x = checkpoint(block, x, rope, prepared, cond, cache, layer, positions, kv_len, use_reentrant=False)
-            else:
-                x = block(x, rope, prepared, cond, cache, layer, positions, kv_len)
-        return self._final_norm(self.norm, self.final_ada, x, cond)
+                x, _ = checkpoint(block, x, rope, prepared, cond, cache, layer, positions, kv_len, use_reentrant=False)
+            else:  # AdaLN blocks hand their MLP branch on, to be added in the next norm's kernel
+                x, pending = block(x, rope, prepared, cond, cache, layer, positions, kv_len, pending,
+                                   defer=self.final_ada is not None)
+        return self._final_norm(self.norm, self.final_ada, x, cond, pending, self.config.fused_residual_norm)
 
 
-def final_norm(norm: RMSNorm, ada: AdaLNModulation | None, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
-    """The trunk's final norm, AdaLN-modulated when `ada` is given (eagerly one pass over the
-    activations per op, the norm's in float32; compiled, one fused kernel each way)."""
-    x = norm(x)
-    if ada is not None:
-        shift, scale = ada(cond)
-        x = modulate(x, shift, scale)
-    return x
+def final_norm(norm: RMSNorm, ada: AdaLNModulation | None, x: torch.Tensor, cond: torch.Tensor | None,
+               pending: PendingBranch | None = None, fused: bool = True) -> torch.Tensor:
+    """The trunk's final norm, AdaLN-modulated when `ada` is given, after adding the last block's
+    `pending` branch (eagerly one pass over the activations per op, the norm's in float32; compiled,
+    one fused kernel each way)."""
+    if ada is None:
+        return norm(x)
+    shift, scale = ada(cond)
+    if pending is None:
+        return modulate(norm(x), shift, scale)
+    return gated_residual_norm(x, pending.out, pending.gate, shift, scale, norm.eps, fused)[1]
 
 
 def _init_linear_weights(module: nn.Module) -> None:
