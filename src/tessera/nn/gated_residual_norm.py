@@ -1,5 +1,7 @@
-"""An AdaLN block's middle step in one pass each way: the gated residual add of the attention output,
-x1 = x + (1 + gate) * a, then the modulated RMSNorm of the MLP's input, n(x1) * (1 + scale) + shift.
+"""An AdaLN block's gated residual add and the modulated norm after it, in one pass each way:
+x1 = x + (1 + gate) * a, then n(x1) * (1 + scale) + shift. The trunk runs it twice per block: after
+attention (a: the attention output; the norm: the MLP input's), and at the next block's start or in
+the final norm (a: the previous block's MLP output, handed on unadded; see nn/trunk.py).
 
 Compiled by Inductor, the backward of this step needs the norm's sums along each row and the gate,
 shift and scale gradients' sums over positions: reductions along different axes, which Inductor
@@ -7,14 +9,16 @@ does not fuse into one kernel, so x, a and the incoming gradients are read more 
 Triton kernels here give each program one sample's run of positions with whole rows, so both kinds
 of sum come out of one read: the backward reads x, a and the two incoming gradients once, writes the
 gradients of x and a once, and leaves per-program partial sums of the modulation gradients (summed
-afterwards, 17 MB at VAR-d16's batch 128). The forward writes x1 and the MLP input together.
+afterwards, 17 MB at VAR-d16's batch 128). The forward writes x1 and the normalised output together.
 Arithmetic is float32; x1 and the normalised rows are rounded to x1's dtype where the plain path
 rounds them.
 
 On an H100 at VAR-d16's shape (batch 128, 680 positions, width 1024, bf16) the forward kernel takes
-0.28 ms and the backward kernel 0.47 ms, where the plain ops compiled by Inductor took 0.88 ms
-forward + backward through autograd; the training step gained 0.7% tokens/s. The tiling was chosen
-among those bench/pointwise_kernel_sweep.py now sweeps (one 4-row, 8-warp tiling took 1.08 ms).
+0.27 ms and the backward kernel 0.43 ms (profiled in the training step). Used after attention only,
+the training step gained 0.7% and 1.4% tokens/s on two machines; used at both places, another
+1.0-1.7% (three runs against two on one machine). The
+tiling was chosen among those bench/pointwise_kernel_sweep.py sweeps (one 4-row, 8-warp tiling took
+1.08 ms backward).
 
 On CUDA it runs as the custom op `tessera::gated_residual_norm` (opaque to torch.compile, its autograd
 registered); elsewhere the reference runs. With TRITON_INTERPRET=1 set before import (tests), the
@@ -50,8 +54,8 @@ def gated_residual_norm_reference(x: torch.Tensor, a: torch.Tensor, gate: torch.
 
 def gated_residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                         scale: torch.Tensor, eps: float, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """x, a (B, L, C) and the (B, 1, C) modulation -> (x1, the MLP's input), both (B, L, C): the
-    Triton kernels where they run and `fused` is set, else the reference."""
+    """x, a (B, L, C) and the (B, 1, C) modulation -> (x1, x1 normalised and modulated), both
+    (B, L, C): the Triton kernels where they run and `fused` is set, else the reference."""
     if a.shape != x.shape or x.dim() != 3 or any(t.shape != (x.shape[0], 1, x.shape[2]) for t in (gate, shift, scale)):
         raise ValueError(f"gated_residual_norm wants x and a (B, L, C) and (B, 1, C) modulation; got "
                          f"{tuple(x.shape)}, {tuple(a.shape)}, {[tuple(t.shape) for t in (gate, shift, scale)]}")
@@ -62,7 +66,7 @@ def gated_residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, sh
 
 def _out_dtypes(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                 scale: torch.Tensor) -> tuple[torch.dtype, torch.dtype]:
-    """The dtypes the plain path gives x1 and the MLP's input."""
+    """The dtypes the plain path gives x1 and the normalised output."""
     x1 = torch.promote_types(x.dtype, torch.promote_types(gate.dtype, a.dtype))
     return x1, torch.promote_types(x1, torch.promote_types(shift.dtype, scale.dtype))
 
@@ -121,7 +125,7 @@ def _unit_stride(*rows: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 def triton_gated_residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
                                scale: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward kernel: x1 and the MLP's input, (B, L, C) contiguous each."""
+    """The forward kernel: x1 and the normalised, modulated x1, (B, L, C) contiguous each."""
     x, a = x.contiguous(), a.contiguous()
     gate, shift, scale = _unit_stride(gate, shift, scale)
     b, length, dim, grid = _rows(x)
@@ -137,8 +141,8 @@ def triton_gated_residual_norm(x: torch.Tensor, a: torch.Tensor, gate: torch.Ten
 def triton_gated_residual_norm_backward(grad_x1: torch.Tensor, grad_out: torch.Tensor, x: torch.Tensor,
                                         a: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
                                         eps: float) -> tuple[torch.Tensor, ...]:
-    """The backward kernel, given the gradients of x1 (from the rest of the block) and of the MLP's
-    input: the gradients of x, a, gate, shift and scale, in that order."""
+    """The backward kernel, given the gradients of x1 (from the rest of the trunk) and of the
+    normalised output: the gradients of x, a, gate, shift and scale, in that order."""
     x, a, grad_x1, grad_out = x.contiguous(), a.contiguous(), grad_x1.contiguous(), grad_out.contiguous()
     gate, shift, scale = _unit_stride(gate, shift, scale)
     b, length, dim, grid = _rows(x)
