@@ -7,6 +7,7 @@ full tensors, and a resume from a checkpoint repeats the uninterrupted run step 
 quantiser reads its codebook outside the embedding's forward, trains."""
 import contextlib
 import json
+import math
 import os
 import shutil
 import signal
@@ -172,4 +173,23 @@ def test_zero3_trains_a_vq_whose_codebook_is_read_outside_its_module(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     model = TesseraModel.from_pretrained(tmp_path / "run")
     fresh = build_model("vq", "tiny").trainable_state_dict()
+    assert {k: v.shape for k, v in model.trainable_state_dict().items()} == {k: v.shape for k, v in fresh.items()}
+
+
+def test_zero3_trains_a_next_scale_model_whose_blocks_hand_on_their_mlp_branch(tmp_path):
+    """AdaLN blocks return (stream, PendingBranch): ZeRO-3's hooks on every module pass that output on."""
+    tiny_recipe(tmp_path)  # the shards
+    build_model("multiscale_vq", "tiny").save_pretrained(tmp_path / "msvq")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(Recipe.from_dict({
+        "model": {"kind": "next_scale", "preset": "tiny", "config": {"tokenizer": str(tmp_path / "msvq"),
+                                                                     "cond": "none", "loss_chunk": 16}},
+        "data": {"shards": str(tmp_path / "shards"), "resolution": 32, "shuffle_buffer": 0},
+        "train": {"steps": 2, "batch_size": 4, "log_every": 1, "sample_every": 0}}).to_yaml())
+    run = _launch(_zero3_config(tmp_path), recipe, tmp_path / "run")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert all(math.isfinite(loss) for loss in _losses(tmp_path / "run").values())
+    model = TesseraModel.from_pretrained(tmp_path / "run")
+    assert model.config.trunk.cond_dim > 0  # the blocks are AdaLN-modulated
+    fresh = build_model("next_scale", "tiny", tokenizer=str(tmp_path / "msvq"), cond="none").trainable_state_dict()
     assert {k: v.shape for k, v in model.trainable_state_dict().items()} == {k: v.shape for k, v in fresh.items()}
