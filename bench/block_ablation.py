@@ -1,7 +1,8 @@
 """What each part of one trunk block costs in training: forward + backward of one compiled block
-(in the form the trunk runs its blocks after the first) at VAR-d16's shape (batch 32, 680 positions, width 1024, 16 heads, AdaLN from a 1024-d condition,
-QK-norm, 2-axis RoPE, SwiGLU), bf16 autocast over float32 weights and a float32 residual stream,
-as the trainer runs it, with one part taken out at a time:
+(in the form the trunk runs its blocks after the first) at VAR-d16's shape (batch 32, 680
+positions, width 1024, 16 heads, AdaLN from a 1024-d condition, QK-norm, 2-axis RoPE, SwiGLU),
+bf16 autocast over float32 weights and a float32 residual stream, as the trainer runs it, with one
+part taken out at a time:
 
 - `block`: the block as trained (block-causal attention on the prefix-mask Triton kernels,
   nn/prefix_attention.py; QK-norm and RoPE in one Triton kernel, nn/qk_norm_rope.py);

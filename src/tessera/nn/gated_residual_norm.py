@@ -16,9 +16,8 @@ rounds them.
 On an H100 at VAR-d16's shape (batch 128, 680 positions, width 1024, bf16) the forward kernel takes
 0.27 ms and the backward kernel 0.43 ms (profiled in the training step). Used after attention only,
 the training step gained 0.7% and 1.4% tokens/s on two machines; used at both places, another
-1.0-1.7% (three runs against two on one machine). The
-tiling was chosen among those bench/pointwise_kernel_sweep.py sweeps (one 4-row, 8-warp tiling took
-1.08 ms backward).
+1.0-1.7% (three runs against two on one machine). The tiling was chosen among those
+bench/pointwise_kernel_sweep.py sweeps (one 4-row, 8-warp tiling took 1.08 ms backward).
 
 On CUDA it runs as the custom op `tessera::gated_residual_norm` (opaque to torch.compile, its autograd
 registered); elsewhere the reference runs. With TRITON_INTERPRET=1 set before import (tests), the
